@@ -1,0 +1,196 @@
+"""The `kd` command: parses flags, merges presets, calls kdcli.api, prints results. No training logic."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from kdcli import __version__
+from kdcli.config import build_config, list_presets, load_preset, parse_set_options
+from kdcli.errors import KdError, unknown
+from kdcli.report import print_json, print_rows, print_summary, stderr
+
+app = typer.Typer(
+    name="kd",
+    help="Knowledge distillation for PyTorch: distill a teacher network into a smaller student.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+_state = {"debug": False}
+
+# Options shared by `kd train` and `kd distill` (one definition each).
+Data = Annotated[Optional[str], typer.Option("--data", help="cifar10, cifar100, imagefolder:PATH, digits, synthetic[:k=v,...]")]
+DataDir = Annotated[Optional[str], typer.Option("--data-dir", help="Folder holding the dataset files.")]
+Download = Annotated[Optional[bool], typer.Option("--download", help="Download the dataset if missing (needs internet).")]
+Epochs = Annotated[Optional[int], typer.Option("--epochs", help="Training epochs (default 240; lr milestones scale with it).")]
+BatchSize = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Training batch size (default 64).")]
+Lr = Annotated[Optional[float], typer.Option("--lr", help="Initial learning rate (default 0.05; 0.01 for MobileNetV2/ShuffleNet).")]
+Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed (default 0).")]
+Device = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+Workers = Annotated[Optional[int], typer.Option("--workers", help="DataLoader workers for image folders.")]
+Out = Annotated[Optional[str], typer.Option("--out", "-o", help="Run folder (default runs/<name>-<time>).")]
+Preset = Annotated[Optional[str], typer.Option("--preset", help="Recipe from presets/NAME.toml (or a .toml path); flags override it.")]
+Resume = Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this folder from its last checkpoint.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a run already in --out.")]
+Json = Annotated[bool, typer.Option("--json", help="Print only the summary JSON on stdout.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"kd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")] = False,
+) -> None:
+    _state["debug"] = debug
+
+
+def _run(flags: dict[str, Any], preset: str | None, resume: Path | None, overwrite: bool, json_out: bool) -> None:
+    from kdcli import api
+
+    if resume is not None:
+        summary = api.resume(resume)
+    else:
+        config = build_config(load_preset(preset) if preset else {}, flags)
+        summary = api.run(config, overwrite=overwrite)
+    if json_out:
+        print_json(summary)
+    else:
+        print_summary(summary)
+
+
+@app.command()
+def train(
+    model: Annotated[Optional[str], typer.Argument(help="Network to train, e.g. resnet110 (see `kd list models`).")] = None,
+    data: Data = None, data_dir: DataDir = None, download: Download = None, epochs: Epochs = None,
+    batch_size: BatchSize = None, lr: Lr = None, seed: Seed = None, device: Device = None,
+    workers: Workers = None, out: Out = None, preset: Preset = None, resume: Resume = None,
+    overwrite: Overwrite = False, json_out: Json = False,
+) -> None:
+    """Train a network from scratch (e.g. a teacher) and register it in the teacher store."""
+    if model is None and resume is None:
+        raise KdError("kd train needs a MODEL", "e.g. `kd train resnet110 --data cifar100` (see `kd list models`)")
+    flags = dict(
+        command="train", student=model, method="none", data=data, data_dir=data_dir, download=download,
+        epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, workers=workers, out=out,
+    )
+    _run(flags, preset, resume, overwrite, json_out)
+
+
+@app.command()
+def distill(
+    teacher: Annotated[Optional[str], typer.Option("--teacher", "-t", help="Trained teacher: a name from the teacher store, a kd .safetensors or a RepDistiller .pth.")] = None,
+    student: Annotated[Optional[str], typer.Option("--student", "-s", help="Student network, e.g. resnet20.")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", "-m", help="Distillation method (see `kd list methods`).")] = None,
+    teacher_arch: Annotated[Optional[str], typer.Option("--teacher-arch", help="Architecture of a .pth teacher outside an <arch>_vanilla folder.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Method option KEY=VALUE (repeatable), e.g. --set T=4.")] = None,
+    data: Data = None, data_dir: DataDir = None, download: Download = None, epochs: Epochs = None,
+    batch_size: BatchSize = None, lr: Lr = None, seed: Seed = None, device: Device = None,
+    workers: Workers = None, out: Out = None, preset: Preset = None, resume: Resume = None,
+    overwrite: Overwrite = False, json_out: Json = False,
+) -> None:
+    """Distill a teacher into a student with one method; writes <out>/student.safetensors."""
+    flags = dict(
+        command="distill", teacher=teacher, student=student, method=method, teacher_arch=teacher_arch,
+        options=parse_set_options(set_ or []) or None, data=data, data_dir=data_dir, download=download,
+        epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, workers=workers, out=out,
+    )
+    _run(flags, preset, resume, overwrite, json_out)
+
+
+@app.command("eval")
+def eval_(
+    checkpoint: Annotated[str, typer.Argument(help="A kd .safetensors or a RepDistiller/mdistiller .pth.")],
+    data: Data = None, data_dir: DataDir = None,
+    arch: Annotated[Optional[str], typer.Option("--arch", help="Architecture of a .pth outside an <arch>_vanilla folder.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 256,
+    device: Annotated[str, typer.Option("--device")] = "auto",
+    json_out: Json = False,
+) -> None:
+    """Evaluate a checkpoint on a dataset's validation split (top-1, top-5, NLL)."""
+    from kdcli import api
+
+    result = api.evaluate_checkpoint(checkpoint, data, arch, data_dir, batch_size, device)
+    if json_out:
+        print_json(result)
+    else:
+        print_rows(f"kd eval {checkpoint}", list(result), [list(result.values())])
+
+
+@app.command("list")
+def list_(what: Annotated[str, typer.Argument(help="models, methods, datasets, presets or teachers.")] = "methods") -> None:
+    """List what kd knows: models, methods, datasets, presets, teachers."""
+    from kdcli.data import list_datasets
+    from kdcli.methods import list_methods
+    from kdcli.models import list_models
+    from kdcli.store import list_teachers
+
+    if what == "models":
+        print_rows("models (also timm:NAME and tv:NAME)", ["name"], [[m] for m in list_models()])
+    elif what == "methods":
+        rows = [
+            [name, cls.title, cls.paper, ", ".join(f"{k}={v}" for k, v in cls.defaults.items())]
+            for name, cls in list_methods().items()
+        ]
+        print_rows("methods", ["name", "method", "paper", "defaults (--set KEY=VALUE)"], rows)
+    elif what == "datasets":
+        print_rows("datasets (--data)", ["name", "description"], [list(r) for r in list_datasets().items()])
+    elif what == "presets":
+        print_rows("presets (--preset)", ["name", "description"], [list(r) for r in list_presets().items()])
+    elif what == "teachers":
+        print_rows("teacher store", ["data", "model", "path"], [[d, a, str(p)] for d, a, p in list_teachers()])
+    else:
+        raise unknown("list", what, ["models", "methods", "datasets", "presets", "teachers"])
+
+
+@app.command()
+def compare(
+    runs: Annotated[list[str], typer.Argument(help="Run folders (searched recursively for summary.json).")],
+    json_out: Json = False,
+) -> None:
+    """Aggregate finished runs into one table: top-1 mean ± std per teacher/student/method."""
+    from kdcli import api
+
+    result = api.compare(runs)
+    if json_out:
+        print_json(result)
+        return
+    rows = [
+        [r["teacher"], r["student"], r["method"], r["data"], r["runs"],
+         f"{r['top1_mean']:.2f} ± {r['top1_std']:.2f}", f"{r['best_top1_mean']:.2f} ± {r['best_top1_std']:.2f}",
+         f"{r['time_per_epoch_s']:.1f}"]
+        for r in result["rows"]
+    ]
+    print_rows("kd compare", ["teacher", "student", "method", "data", "runs", "top-1 last", "top-1 best", "s/epoch"], rows)
+
+
+def main() -> None:
+    """Console entry point: KdError -> `error:` + `hint:` on stderr and its exit code, no traceback."""
+    try:
+        app(standalone_mode=True)
+    except KdError as exc:
+        _fail(exc, exc.message, exc.hint, exc.exit_code)
+    except KeyboardInterrupt:
+        stderr.print("error: interrupted", markup=False)
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - last line of defence: no raw traceback for users
+        _fail(exc, f"internal error: {type(exc).__name__}: {exc}", "re-run with `kd --debug ...` and report the traceback", 1)
+
+
+def _fail(exc: BaseException, message: str, hint: str | None, code: int) -> None:
+    if _state["debug"]:
+        traceback.print_exception(exc)
+    stderr.print(f"error: {message}", markup=False, soft_wrap=True)
+    if hint:
+        stderr.print(f"hint: {hint}", markup=False, soft_wrap=True)
+    sys.exit(code)

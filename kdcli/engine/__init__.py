@@ -1,0 +1,1 @@
+"""The training engine: fit loop, evaluation, schedules and pickle-free checkpoints."""

@@ -1,0 +1,157 @@
+"""The Method base class, what a method needs from the engine, and the method registry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdcli.batch import Batch
+from kdcli.errors import KdError, unknown
+from kdcli.losses import kd_loss
+from kdcli.models.features import Outputs
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a method asks the engine for beyond logits."""
+
+    features: bool = False  # stage feature maps
+    preact: bool = False  # ... taken before the final ReLU of each stage
+    embedding: bool = False  # pooled penultimate vector
+    index: bool = False  # dataset index of each sample (memory banks, per-sample state)
+    views: str | None = None  # extra views the loader must build, e.g. "rotations"
+    teacher: bool = True  # False: the teacher is never run (plain training)
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """Shapes of one network's outputs, read from a dry run on one batch (batch dim dropped)."""
+
+    features: list[tuple[int, ...]] = field(default_factory=list)
+    embedding: int = 0
+    num_classes: int = 0
+
+
+class Method(nn.Module):
+    """A distillation method: an nn.Module that owns its trainable heads and state.
+
+    Subclasses set the class attributes, and override `distill` to return their own weighted
+    terms; the cross-entropy (`ce`) and Hinton KD (`kd`, temperature `T`) terms every method may
+    carry are added here, so the weights of all three follow RepDistiller's
+    `L = gamma*CE + alpha*KD + beta*L_method` convention.
+    """
+
+    name: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    year: ClassVar[int] = 0
+    needs: ClassVar[Needs] = Needs()
+    defaults: ClassVar[dict[str, Any]] = {"ce": 1.0, "kd": 0.0, "T": 4.0}
+
+    def __init__(
+        self,
+        student: Shapes,
+        teacher: Shapes,
+        num_samples: int,
+        **hparams: Any,
+    ):
+        super().__init__()
+        self.student_shapes = student
+        self.teacher_shapes = teacher
+        self.num_samples = num_samples
+        self.hp = resolve_hparams(type(self), hparams)
+        self.epoch = 1
+        self.epochs = 1
+
+    def forward(self, s: Outputs, t: Outputs | None, batch: Batch) -> dict[str, Tensor]:
+        """Named, already weighted loss terms; the trainer minimises their sum."""
+        terms: dict[str, Tensor] = {}
+        if self.hp["ce"]:
+            terms["ce"] = self.hp["ce"] * F.cross_entropy(s.logits, batch.y)
+        if self.hp["kd"] and t is not None:
+            terms["kd"] = self.hp["kd"] * kd_loss(s.logits, t.logits, self.hp["T"])
+        terms.update(self.distill(s, t, batch))
+        return terms
+
+    def distill(self, s: Outputs, t: Outputs | None, batch: Batch) -> dict[str, Tensor]:
+        """The method's own weighted terms (none for plain CE / KD)."""
+        return {}
+
+    def on_epoch_start(self, epoch: int, epochs: int) -> None:
+        """Called before each 1-based training epoch (schedules, warm-ups, curricula)."""
+        self.epoch, self.epochs = epoch, epochs
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters the student's optimizer updates jointly with the student."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def own_optimizers(self) -> dict[str, Any]:
+        """Optimizers the method steps itself (e.g. an RL agent's Adam); checkpointed by the engine."""
+        return {}
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(name: str):
+    """Class decorator: make a Method available as `--method NAME`."""
+
+    def wrap(cls: type[Method]) -> type[Method]:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def method_class(name: str) -> type[Method]:
+    _load_builtin_methods()
+    if name not in _REGISTRY:
+        raise unknown("method", name, _REGISTRY, "kd list methods")
+    return _REGISTRY[name]
+
+
+def list_methods() -> dict[str, type[Method]]:
+    _load_builtin_methods()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def resolve_hparams(cls: type[Method], overrides: dict[str, Any]) -> dict[str, Any]:
+    """The class defaults updated with `overrides`, each coerced to its default's type."""
+    resolved = dict(cls.defaults)
+    for key, value in overrides.items():
+        if key not in resolved:
+            raise unknown(f"option for method {cls.name!r}:", key, resolved)
+        resolved[key] = coerce(key, value, resolved[key])
+    return resolved
+
+
+def coerce(key: str, value: Any, default: Any) -> Any:
+    """Convert a `--set` value (often a string) to the type of the default."""
+    if default is None or not isinstance(value, str):
+        return value
+    try:
+        if isinstance(default, bool):
+            lowered = value.lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                raise ValueError(value)
+            return lowered in ("true", "1", "yes", "on")
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, (list, tuple)):
+            return type(default)(coerce(key, v.strip(), default[0] if default else "") for v in value.split(",") if v.strip())
+    except ValueError:
+        raise KdError(
+            f"option {key}={value!r} is not a valid {type(default).__name__}",
+            f"write it like {key}={default!r}",
+        ) from None
+    return value
+
+
+def _load_builtin_methods() -> None:
+    import kdcli.methods  # noqa: F401  (registers the built-in methods)

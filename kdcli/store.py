@@ -1,0 +1,44 @@
+"""The teacher store: where `--teacher resnet110` finds the weights `kd train resnet110` produced.
+
+Layout: $KD_HOME/teachers/<dataset>/<arch>.safetensors (KD_HOME defaults to ~/.cache/kdcli).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+from kdcli.engine.checkpoint import atomic_write
+
+
+def kd_home() -> Path:
+    return Path(os.environ.get("KD_HOME", "~/.cache/kdcli")).expanduser()
+
+
+def dataset_key(dataset: str) -> str:
+    """A folder name for a dataset spec (`synthetic:classes=10` -> `synthetic_classes_10`)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", dataset).strip("_")
+
+
+def teacher_path(arch: str, dataset: str) -> Path:
+    return kd_home() / "teachers" / dataset_key(dataset) / f"{arch}.safetensors"
+
+
+def register_teacher(model_file: Path, arch: str, dataset: str) -> Path:
+    """Copy a trained model into the store (replacing an older one atomically); returns its path."""
+    target = teacher_path(arch, dataset)
+    atomic_write(target, lambda tmp: shutil.copyfile(model_file, tmp))
+    return target
+
+
+def find_teacher(arch: str, dataset: str) -> Path | None:
+    path = teacher_path(arch, dataset)
+    return path if path.is_file() else None
+
+
+def list_teachers() -> list[tuple[str, str, Path]]:
+    """(dataset folder, arch, path) of every stored teacher."""
+    root = kd_home() / "teachers"
+    return [(p.parent.name, p.stem, p) for p in sorted(root.glob("*/*.safetensors"))]

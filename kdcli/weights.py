@@ -1,0 +1,175 @@
+"""Model weight files: kd's safetensors (with metadata) and RepDistiller/mdistiller `.pth` checkpoints.
+
+`.pth` files are read with `torch.load(weights_only=True)`, which refuses any pickle that would build
+objects other than tensors and plain containers: a crafted file never runs code here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from kdcli import __version__
+from kdcli.engine.checkpoint import atomic_write
+from kdcli.errors import KdError
+from kdcli.models import create_model
+from kdcli.models.features import classifier_of
+
+FORMAT = "kdcli-model"
+_WRAPPER_KEYS = ("model", "state_dict", "net", "student")
+_PREFIXES = ("module.", "student.", "model.")
+
+
+def save_model(path: Path, model: nn.Module, **metadata: Any) -> None:
+    """Write the model's weights and string metadata (arch, num_classes, dataset, ...) atomically."""
+    header = {"format": FORMAT, "kdcli_version": __version__}
+    header.update({key: str(value) for key, value in metadata.items() if value is not None})
+    tensors = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=header))
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a kd safetensors file; a clear error for anything else."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise KdError(
+            f"{path} is not a readable safetensors file ({exc})",
+            "the file may be truncated or corrupt; re-create it or pass another checkpoint",
+        ) from None
+    return metadata
+
+
+def load_model_file(
+    path: str | Path, arch: str | None = None, num_classes: int | None = None
+) -> tuple[nn.Module, dict[str, str]]:
+    """Build the network a weights file describes and load it strictly.
+
+    arch: needed for `.pth` files unless the parent folder is RepDistiller's `<arch>_vanilla`.
+    num_classes: the class count the caller needs; a file with another count is refused.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise KdError(f"checkpoint {path} does not exist", "check the path, or train one with `kd train`")
+    if path.suffix == ".safetensors":
+        metadata = read_metadata(path)
+        if metadata.get("format") != FORMAT or "arch" not in metadata:
+            raise KdError(
+                f"{path} was not written by kd (no arch in its metadata)",
+                "pass a student.safetensors/model.safetensors from a kd run, or a RepDistiller .pth with --arch",
+            )
+        arch = arch or metadata["arch"]
+        file_classes = int(metadata["num_classes"])
+        _check_classes(path, file_classes, num_classes)
+        model = create_model(arch, num_classes=file_classes)
+        _check_layout(path, model, _safetensors_shapes(path), arch)
+        state = _read_safetensors(path)
+    else:
+        state = _read_pth(path)
+        arch = arch or _arch_from_folder(path)
+        file_classes = _classes_in(state, arch)
+        _check_classes(path, file_classes, num_classes)
+        model = create_model(arch, num_classes=file_classes)
+        _check_layout(path, model, {k: tuple(v.shape) for k, v in state.items()}, arch)
+        metadata = {"arch": arch, "num_classes": str(file_classes), "format": "pth"}
+    model.load_state_dict(state, strict=True)
+    return model, metadata
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise KdError(f"{path} is corrupt ({exc})", "re-create the file or pass another checkpoint") from None
+
+
+def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    with safe_open(str(path), framework="pt") as handle:
+        return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+
+
+def _read_pth(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict inside a `.pth`, loaded without running any pickled code."""
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure of an untrusted file is the user's input
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise KdError(
+            f"refused to load {path}: not a plain weights file ({reason[:200]})",
+            "kd only reads tensors (torch.load weights_only=True); re-save the checkpoint as a state_dict "
+            "or convert it to safetensors",
+        ) from None
+    for key in _WRAPPER_KEYS:
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise KdError(
+            f"{path} holds no state_dict",
+            "expected a dict of tensors, or RepDistiller's {'model': state_dict, ...}",
+        )
+    return {_strip_prefixes(key): value for key, value in obj.items()}
+
+
+def _strip_prefixes(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix) :], True
+    return key
+
+
+def _arch_from_folder(path: Path) -> str:
+    folder = path.parent.name
+    if "_vanilla" in folder:
+        return folder.split("_vanilla")[0]
+    raise KdError(
+        f"cannot tell the architecture of {path}",
+        "pass --teacher-arch (or --arch) NAME, or keep the file in RepDistiller's <arch>_vanilla/ folder",
+    )
+
+
+def _classes_in(state: dict[str, torch.Tensor], arch: str) -> int:
+    """Class count of a checkpoint, read from the classifier weight of the architecture."""
+    probe = create_model(arch, num_classes=1)
+    fc = classifier_of(probe)
+    name = next(n for n, m in probe.named_modules() if m is fc)
+    weight = state.get(f"{name}.weight")
+    if weight is None or weight.ndim != 2:
+        raise KdError(
+            f"checkpoint does not match architecture {arch!r} (no classifier {name}.weight)",
+            "pass the right --teacher-arch/--arch",
+        )
+    return int(weight.shape[0])
+
+
+def _check_classes(path: Path, have: int, need: int | None) -> None:
+    if need is not None and have != need:
+        raise KdError(
+            f"{path} predicts {have} classes but the data has {need}",
+            "use a checkpoint trained on this dataset, or pick the matching --data",
+        )
+
+
+def _check_layout(path: Path, model: nn.Module, shapes: dict[str, tuple[int, ...]], arch: str) -> None:
+    """Compare the file's tensor names and shapes with the model before loading anything."""
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    missing = [key for key in expected if key not in shapes]
+    extra = [key for key in shapes if key not in expected]
+    wrong = [key for key in expected if key in shapes and shapes[key] != expected[key]]
+    if missing or extra or wrong:
+        sample = (missing or extra or wrong)[0]
+        raise KdError(
+            f"{path} does not match architecture {arch!r} "
+            f"({len(missing)} missing, {len(extra)} unexpected, {len(wrong)} mis-shaped tensors, e.g. {sample})",
+            "pass the architecture the checkpoint was trained with (--teacher-arch / --arch)",
+        )

@@ -1,0 +1,1 @@
+"""Run recipes (TOML), shipped inside the package as kdcli.presets."""

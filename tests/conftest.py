@@ -1,0 +1,58 @@
+"""Shared fixtures: an isolated teacher store, a `kd` runner that goes through the real entry point."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from kdcli.cli import main
+
+# Tiny, fast, learnable data for end-to-end tests.
+TINY_DATA = "synthetic:classes=4,n=160,size=16"
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path_factory, monkeypatch):
+    """Every test gets its own teacher store and never touches ~/.cache; 1 thread keeps CPU tests fair."""
+    monkeypatch.setenv("KD_HOME", str(tmp_path_factory.mktemp("kd_home")))
+    torch.set_num_threads(1)
+
+
+@dataclass
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def kd(capsys, monkeypatch):
+    """Run `kd ARGS...` in-process through kdcli.cli.main (error handling and exit codes included)."""
+
+    def run(*args: str) -> Result:
+        capsys.readouterr()
+        monkeypatch.setattr(sys, "argv", ["kd", *map(str, args)])
+        code = 0
+        try:
+            main()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        out, err = capsys.readouterr()
+        return Result(code, out, err)
+
+    return run
+
+
+def assert_clean_error(result: Result, *fragments: str) -> None:
+    """A user-facing failure: exit 2, one `error:` line naming the problem, a hint, no traceback."""
+    assert result.code == 2, (result.code, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    assert any(line.startswith("hint: ") for line in lines), result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], (fragment, errors[0])
