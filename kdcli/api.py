@@ -22,7 +22,7 @@ from kdcli.engine.trainer import Schedule, Trainer
 from kdcli.errors import KdError
 from kdcli.methods import Method, Shapes, method_class
 from kdcli.models import create_model, default_lr, list_models
-from kdcli.models.features import forward_outputs
+from kdcli.models.features import classifier_of, forward_outputs
 from kdcli.report import ConsoleReporter
 from kdcli.store import find_teacher, register_teacher
 from kdcli.weights import load_model_file, save_model
@@ -180,8 +180,9 @@ def build_method(
     x = batch.x[:2]
     student_shapes = shapes_of(student, x)
     teacher_shapes = shapes_of(teacher, x) if teacher is not None else Shapes()
+    head = classifier_of(teacher) if cls.needs.teacher_head and teacher is not None else None
     torch.manual_seed(config.seed + 1)
-    return cls(student_shapes, teacher_shapes, num_samples, **config.options)
+    return cls(student_shapes, teacher_shapes, num_samples, teacher_head=head, **config.options)
 
 
 def count_params(model: nn.Module) -> int:

@@ -48,8 +48,25 @@ class Schedule:
     log_every: int = 20
 
 
-def run_network(model: nn.Module, x: Tensor, needs: Needs) -> Outputs:
-    """Logits only when the method needs nothing more (cheaper), else the full Outputs."""
+def run_network(model: nn.Module, batch: Batch, needs: Needs) -> Outputs:
+    """The network's Outputs on the batch (and its views, stacked after it).
+
+    Logits only when the method needs nothing more (cheaper). Views run in the same pass when
+    `needs.joint_views`, else in their own pass (separate BatchNorm statistics) and are concatenated.
+    """
+    if batch.views is None:
+        return _forward(model, batch.x, needs)
+    if needs.joint_views:
+        return _forward(model, torch.cat([batch.x, batch.views]), needs)
+    plain, views = _forward(model, batch.x, needs), _forward(model, batch.views, needs)
+    return Outputs(
+        torch.cat([plain.logits, views.logits]),
+        [torch.cat(pair) for pair in zip(plain.features, views.features)],
+        None if plain.embedding is None else torch.cat([plain.embedding, views.embedding]),
+    )
+
+
+def _forward(model: nn.Module, x: Tensor, needs: Needs) -> Outputs:
     if needs.features or needs.embedding:
         return forward_outputs(model, x, preact=needs.preact)
     return Outputs(model(x), [], None)
@@ -120,6 +137,7 @@ class Trainer:
             "epoch": epoch,
             "lr": lr,
             **train,
+            **self.method.epoch_metrics(),
             "val_top1": val.top1,
             "val_top5": val.top5,
             "val_loss": val.loss,
@@ -176,14 +194,14 @@ class Trainer:
         t_out = None
         if self.teacher is not None:
             with torch.no_grad():
-                t_out = run_network(self.teacher, batch.x, needs)
-        s_out = run_network(self.student, batch.x, needs)
+                t_out = run_network(self.teacher, batch, needs)
+        s_out = run_network(self.student, batch, needs)
         terms = self.method(s_out, t_out, batch)
         loss = sum(terms.values())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return terms, s_out.logits
+        return terms, s_out.logits[: batch.y.numel()]
 
     def _diverged(self, epoch: int, step: int, terms: dict[str, float]) -> None:
         described = ", ".join(f"{name}={value:.4g}" for name, value in terms.items())

@@ -22,8 +22,10 @@ class Needs:
     preact: bool = False  # ... taken before the final ReLU of each stage
     embedding: bool = False  # pooled penultimate vector
     index: bool = False  # dataset index of each sample (memory banks, per-sample state)
-    views: str | None = None  # extra views the loader must build, e.g. "rotations"
+    views: str | None = None  # extra views the loader builds: "rotations" (3 more) or "strong" (1 more)
+    joint_views: bool = True  # run x and its views through a network in one pass (shared BN stats)
     teacher: bool = True  # False: the teacher is never run (plain training)
+    teacher_head: bool = False  # the frozen teacher classifier's weight/bias as buffers (CRCD)
 
 
 @dataclass(frozen=True)
@@ -56,8 +58,11 @@ class Method(nn.Module):
         student: Shapes,
         teacher: Shapes,
         num_samples: int,
+        teacher_head: nn.Linear | None = None,
         **hparams: Any,
     ):
+        """`num_samples`: training-set size (memory banks). `teacher_head`: given when needs.teacher_head;
+        kept as non-persistent buffers `teacher_head_weight` [C, D] / `teacher_head_bias` [C]."""
         super().__init__()
         self.student_shapes = student
         self.teacher_shapes = teacher
@@ -65,9 +70,17 @@ class Method(nn.Module):
         self.hp = resolve_hparams(type(self), hparams)
         self.epoch = 1
         self.epochs = 1
+        if teacher_head is not None:
+            bias = teacher_head.bias if teacher_head.bias is not None else teacher_head.weight.new_zeros(teacher_head.out_features)
+            self.register_buffer("teacher_head_weight", teacher_head.weight.detach().clone(), persistent=False)
+            self.register_buffer("teacher_head_bias", bias.detach().clone(), persistent=False)
 
     def forward(self, s: Outputs, t: Outputs | None, batch: Batch) -> dict[str, Tensor]:
-        """Named, already weighted loss terms; the trainer minimises their sum."""
+        """Named, already weighted loss terms; the trainer minimises their sum.
+
+        With `needs.views`, `s` and `t` cover `[x; views]` stacked along dim 0 (the first
+        `batch.y.numel()` rows are the plain batch); override `forward` to use the views.
+        """
         terms: dict[str, Tensor] = {}
         if self.hp["ce"]:
             terms["ce"] = self.hp["ce"] * F.cross_entropy(s.logits, batch.y)
@@ -87,6 +100,10 @@ class Method(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters the student's optimizer updates jointly with the student."""
         return [p for p in self.parameters() if p.requires_grad]
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """Extra per-epoch values for metrics.jsonl (e.g. mean chosen temperature); read at epoch end."""
+        return {}
 
     def own_optimizers(self) -> dict[str, Any]:
         """Optimizers the method steps itself (e.g. an RL agent's Adam); checkpointed by the engine."""
