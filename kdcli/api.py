@@ -21,6 +21,7 @@ from kdcli.engine.rundir import RunDir
 from kdcli.engine.trainer import Schedule, Trainer
 from kdcli.errors import KdError
 from kdcli.methods import Method, Shapes, method_class
+from kdcli.methods.base import resolve_hparams
 from kdcli.models import create_model, default_lr, list_models
 from kdcli.models.features import classifier_of, forward_outputs
 from kdcli.report import ConsoleReporter
@@ -40,11 +41,14 @@ def run(config: RunConfig, overwrite: bool = False, resume: bool = False, report
     """Train (`config.command == "train"`) or distill; everything is validated before anything is written."""
     device = resolve_device(config.device)
     cls = method_class(config.method)
+    resolve_hparams(cls, config.options)  # reject bad --set values before any slow work
     bundle = build_data(config.data, data_dir=config.data_dir, download=config.download)
     teacher = load_teacher(config, bundle.num_classes) if config.command == "distill" and cls.needs.teacher else None
     torch.manual_seed(config.seed)
     student = create_model(config.student, num_classes=bundle.num_classes)
-    train_loader = make_loader(bundle.train, bundle, config.batch_size, True, device, config.seed, config.workers)
+    train_loader = make_loader(
+        bundle.train, bundle, config.batch_size, True, device, config.seed, config.workers, views=cls.needs.views
+    )
     val_loader = make_loader(bundle.val, bundle, config.eval_batch_size, False, device, config.seed, config.workers)
     student.to(device)
     if teacher is not None:

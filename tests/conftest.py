@@ -56,3 +56,45 @@ def assert_clean_error(result: Result, *fragments: str) -> None:
     assert any(line.startswith("hint: ") for line in lines), result.stderr
     for fragment in fragments:
         assert fragment in errors[0], (fragment, errors[0])
+
+
+DIGITS_TEACHER_ARCH = "resnet20"
+
+
+@pytest.fixture(scope="session")
+def digits_teacher(tmp_path_factory) -> str:
+    """A resnet20 trained on the bundled digits for a few epochs, once per test session: weights path."""
+    from kdcli import api
+    from kdcli.config import build_config
+
+    out = tmp_path_factory.mktemp("digits_teacher")
+    torch.set_num_threads(1)
+    summary = api.run(build_config({
+        "command": "train", "student": DIGITS_TEACHER_ARCH, "method": "none", "data": "digits",
+        "epochs": 4, "batch_size": 64, "lr": 0.05, "device": "cpu", "seed": 0, "out": str(out),
+    }), reporter=_Silent())
+    assert summary["top1"] > 60, summary  # a real teacher: far above the 10 % of chance
+    return summary["weights"]
+
+
+class _Silent:
+    def start(self, *args): ...
+    def step(self, *args): ...
+    def epoch_end(self, metrics): ...
+    def finish(self): ...
+
+
+@pytest.fixture
+def distill_digits(digits_teacher, tmp_path):
+    """Distill the session's digits teacher into a resnet8 with METHOD for a short real run: summary."""
+    from kdcli import api
+    from kdcli.config import build_config
+
+    def run(method: str, epochs: int = 1, student: str = "resnet8", **options) -> dict:
+        return api.run(build_config({
+            "command": "distill", "teacher": digits_teacher, "student": student, "method": method,
+            "options": {k: str(v) for k, v in options.items()}, "data": "digits", "epochs": epochs,
+            "batch_size": 64, "device": "cpu", "seed": 0, "out": str(tmp_path / f"{method}-run"),
+        }), reporter=_Silent())
+
+    return run
