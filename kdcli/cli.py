@@ -12,7 +12,7 @@ import typer
 from kdcli import __version__
 from kdcli.config import build_config, list_presets, load_preset, parse_set_options
 from kdcli.errors import KdError, unknown
-from kdcli.report import print_json, print_rows, print_summary, stderr
+from kdcli.report import print_fields, print_json, print_rows, print_summary, stderr
 
 app = typer.Typer(
     name="kd",
@@ -124,7 +124,7 @@ def eval_(
     if json_out:
         print_json(result)
     else:
-        print_rows(f"kd eval {checkpoint}", list(result), [list(result.values())])
+        print_fields(f"kd eval {checkpoint}", list(result.items()))
 
 
 @app.command("list")

@@ -53,7 +53,8 @@ class ConsoleReporter:
         self.console.print(
             f"epoch {m['epoch']:>3}/{self.epochs}  lr {m['lr']:.4g}  loss {m['train_loss']:.4f}  "
             f"train {m['train_top1']:.2f}  val {m['val_top1']:.2f} (best {m['best_top1']:.2f}){agreement}  "
-            f"{m['images_per_s']:.0f} img/s  {m['epoch_time_s']:.1f}s"
+            f"{m['images_per_s']:.0f} img/s  {m['epoch_time_s']:.1f}s",
+            soft_wrap=True,
         )
         if self.progress is not None:
             self.progress.reset(self.task, completed=0, epoch=min(m["epoch"] + 1, self.epochs))
@@ -72,11 +73,19 @@ def fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
+def print_fields(title: str, rows: list[tuple[str, Any]], console: Console = stdout) -> None:
+    """A two-column name/value table; rows whose value is None are left out."""
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for name, value in rows:
+        if value is not None:
+            table.add_row(name, fmt(value))
+    console.print(table)
+
+
 def print_summary(summary: dict[str, Any], console: Console = stdout) -> None:
     """The table at the end of `kd train` / `kd distill`."""
-    table = Table(title=f"kd {summary['command']}: {summary['run_dir']}", show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
     rows = [
         ("teacher", summary.get("teacher")),
         ("student", summary.get("student")),
@@ -84,19 +93,16 @@ def print_summary(summary: dict[str, Any], console: Console = stdout) -> None:
         ("data", summary.get("data")),
         ("epochs", summary.get("epochs")),
         ("top-1 last / best (%)", f"{fmt(summary['top1'])} / {fmt(summary['best_top1'])} (epoch {summary['best_epoch']})"),
-        ("top-5 last (%)", fmt(summary["top5"])),
-        ("teacher top-1 (%)", fmt(summary.get("teacher_top1"))),
-        ("teacher agreement (%)", fmt(summary.get("agreement"))),
+        ("top-5 last (%)", summary["top5"]),
+        ("teacher top-1 (%)", summary.get("teacher_top1")),
+        ("teacher agreement (%)", summary.get("agreement")),
         ("student params", f"{summary['student_params']:,}"),
         ("method params", f"{summary['method_params']:,}"),
-        ("time / epoch (s)", fmt(summary.get("time_per_epoch_s"))),
+        ("time / epoch (s)", summary.get("time_per_epoch_s")),
         ("train images/s", fmt(summary.get("images_per_s"), 0)),
         ("weights", summary.get("weights")),
     ]
-    for name, value in rows:
-        if value is not None:
-            table.add_row(name, str(value))
-    console.print(table)
+    print_fields(f"kd {summary['command']}: {summary['run_dir']}", rows, console)
 
 
 def print_json(payload: dict[str, Any]) -> None:
