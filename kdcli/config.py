@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from importlib import resources
@@ -45,7 +46,8 @@ class RunConfig:
     def milestone_epochs(self) -> list[int]:
         if self.milestones is not None:
             return sorted(self.milestones)
-        return [max(1, round(f * self.epochs)) for f in DEFAULT_MILESTONE_FRACTIONS]
+        # ceil keeps short runs sensible (6 epochs -> 4, 5, 6) and 240 exact (150, 180, 210).
+        return [max(1, math.ceil(f * self.epochs)) for f in DEFAULT_MILESTONE_FRACTIONS]
 
     def validate(self) -> None:
         """Reject numbers no run can use, before anything is written."""

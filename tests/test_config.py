@@ -16,6 +16,7 @@ from kdcli.errors import KdError
 def test_milestones_scale_with_epochs():
     assert RunConfig(epochs=240).milestone_epochs() == [150, 180, 210]
     assert RunConfig(epochs=24).milestone_epochs() == [15, 18, 21]
+    assert RunConfig(epochs=6).milestone_epochs() == [4, 5, 6]  # distinct: one decay at a time
     assert RunConfig(epochs=240, milestones=[200, 100]).milestone_epochs() == [100, 200]
 
 
