@@ -27,7 +27,7 @@ def test_unknown_method_suggests_the_closest():
 
 
 def test_kd_defaults_are_repdistillers():
-    assert method_class("kd").defaults == {"ce": 0.1, "kd": 0.9, "T": 4.0}
+    assert method_class("kd").defaults == {"ce": 0.1, "kd": 0.9, "T": 4.0, "logit_std": False}
 
 
 def test_set_options_are_coerced_and_checked():

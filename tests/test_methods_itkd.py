@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from tests.conftest import LEARNED_TOP1
 from kdcli.batch import Batch
 from kdcli.engine.checkpoint import load_state, save_state
 from kdcli.errors import KdError
@@ -274,13 +275,11 @@ def test_agent_and_optimisers_survive_a_checkpoint_and_resume_identically(tmp_pa
 
 
 def test_distill_digits_with_the_agent_acting_and_learning(distill_digits):
-    summary = distill_digits("itkd", epochs=2, warmup=1, rl_every=1)
+    summary = distill_digits("itkd", warmup=1, rl_every=1)
     lines = [json.loads(line) for line in open(f"{summary['run_dir']}/metrics.jsonl")]
-    assert len(lines) == 2
+    assert len(lines) == 3
     for line in lines:
         assert math.isfinite(line["train_loss"]) and math.isfinite(line["train_kd"])
         assert 1.0 <= line["itkd_T_mean"] <= 10.0 and math.isfinite(line["itkd_T_std"]) and line["itkd_T_std"] > 0
         assert line["itkd_agent_updates"] > 0
-    # Two digits epochs are a noisy budget (plain kd too drops in eval at epoch 2 while train top-1
-    # rises); the best epoch is clearly above the 10 % of chance, the last one above it.
-    assert summary["best_top1"] > 15 and summary["top1"] > 10, (summary["best_top1"], summary["top1"])
+    assert summary["top1"] > LEARNED_TOP1, summary

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.conftest import LEARNED_TOP1
 from kdcli.batch import Batch
 from kdcli.engine.checkpoint import load_state, save_state
 from kdcli.errors import KdError
@@ -100,7 +101,7 @@ def assert_finite_run(summary):
         for key, value in line.items():
             if key.startswith("train_") and isinstance(value, float):
                 assert math.isfinite(value), (key, value)
-    assert summary["top1"] > 10, summary
+    assert summary["top1"] > LEARNED_TOP1, summary
     return lines[-1]
 
 

@@ -59,10 +59,13 @@ class Method(nn.Module):
         teacher: Shapes,
         num_samples: int,
         teacher_head: nn.Linear | None = None,
+        train_labels: Tensor | None = None,
         **hparams: Any,
     ):
         """`num_samples`: training-set size (memory banks). `teacher_head`: given when needs.teacher_head;
-        kept as non-persistent buffers `teacher_head_weight` [C, D] / `teacher_head_bias` [C]."""
+        kept as non-persistent buffers `teacher_head_weight` [C, D] / `teacher_head_bias` [C].
+        `train_labels`: the label of every training sample [num_samples] when known (class-aware
+        negatives); None in unit tests that build a method by hand."""
         super().__init__()
         self.student_shapes = student
         self.teacher_shapes = teacher
@@ -70,6 +73,7 @@ class Method(nn.Module):
         self.hp = resolve_hparams(type(self), hparams)
         self.epoch = 1
         self.epochs = 1
+        self.train_labels = train_labels
         if teacher_head is not None:
             bias = teacher_head.bias if teacher_head.bias is not None else teacher_head.weight.new_zeros(teacher_head.out_features)
             self.register_buffer("teacher_head_weight", teacher_head.weight.detach().clone(), persistent=False)
@@ -85,9 +89,14 @@ class Method(nn.Module):
         if self.hp["ce"]:
             terms["ce"] = self.hp["ce"] * F.cross_entropy(s.logits, batch.y)
         if self.hp["kd"] and t is not None:
-            terms["kd"] = self.hp["kd"] * kd_loss(s.logits, t.logits, self.hp["T"])
+            terms["kd"] = self.hp["kd"] * self.kd_term(s.logits, t.logits)
         terms.update(self.distill(s, t, batch))
         return terms
+
+    def kd_term(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        """The unweighted `kd` term: Hinton KD at temperature `T`. Override to change how the
+        logits are compared (standardised logits, a learned temperature), not which terms exist."""
+        return kd_loss(student_logits, teacher_logits, self.hp["T"])
 
     def distill(self, s: Outputs, t: Outputs | None, batch: Batch) -> dict[str, Tensor]:
         """The method's own weighted terms (none for plain CE / KD)."""
