@@ -23,6 +23,7 @@ class RunConfig:
 
     command: str = "distill"  # "train" or "distill"
     student: str = "resnet20"  # for `kd train`: the network being trained
+    pretrained: bool = False  # timm:/tv: student starts from its published weights (and a timm:/tv: teacher uses them)
     teacher: str | None = None
     teacher_arch: str | None = None
     method: str = "kd"
@@ -40,6 +41,9 @@ class RunConfig:
     lr_decay: float = 0.1
     seed: int = 0
     device: str = "auto"
+    precision: str = "auto"  # auto: bf16 autocast where the hardware has fast bf16, else fp32
+    channels_last: bool = True
+    compile: bool = False
     workers: int = 4
     out: str | None = None
 
@@ -64,6 +68,8 @@ class RunConfig:
         for ok, name, value, expected in checks:
             if not ok:
                 raise KdError(f"--{name} {value} is invalid", f"use {expected}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise KdError(f"--precision {self.precision!r} is invalid", "use auto, fp32 or bf16")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise KdError(f"--device {self.device!r} is invalid", "use auto, cpu, cuda or cuda:N")
 
@@ -72,6 +78,8 @@ class RunConfig:
 
 
 FIELD_NAMES = {f.name for f in fields(RunConfig)}
+# Tables a preset may hold for one command only; RunConfig ignores them (`[compare]`: the grid of kd compare).
+COMMAND_TABLES = {"compare"}
 
 
 def presets_dir() -> Path:
@@ -110,8 +118,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise KdError(f"{path} is not valid TOML: {exc}", "fix the syntax at the position shown") from None
     for key in values:
-        if key not in FIELD_NAMES:
-            raise KdError(f"{path}: unknown key {key!r}", did_you_mean(key, FIELD_NAMES))
+        if key not in FIELD_NAMES | COMMAND_TABLES:
+            raise KdError(f"{path}: unknown key {key!r}", did_you_mean(key, FIELD_NAMES | COMMAND_TABLES))
     return values
 
 
@@ -121,7 +129,7 @@ def build_config(*layers: dict[str, Any]) -> RunConfig:
     options: dict[str, Any] = {}
     for layer in layers:
         for key, value in layer.items():
-            if value is None:
+            if value is None or key in COMMAND_TABLES:
                 continue
             if key == "options":
                 options.update(value)

@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -18,7 +19,7 @@ class ConsoleReporter:
     """Per-step progress bar in a terminal, plus one line per epoch (the only output in a log file)."""
 
     def __init__(self, title: str, console: Console = stderr):
-        self.title = title
+        self.title = escape(title)  # "[kd]" in "resnet56 -> resnet20 [kd]" is text, not Rich markup
         self.console = console
         self.progress: Progress | None = None
         self.task = None
@@ -58,6 +59,9 @@ class ConsoleReporter:
         )
         if self.progress is not None:
             self.progress.reset(self.task, completed=0, epoch=min(m["epoch"] + 1, self.epochs))
+
+    def note(self, text: str) -> None:
+        self.console.print(text, markup=False, soft_wrap=True)
 
     def finish(self) -> None:
         if self.progress is not None:

@@ -5,13 +5,18 @@ under no_grad, the student, asks the method for its weighted loss terms and mini
 one optimizer over the student and the method's own trainable parameters. Evaluation, metrics,
 checkpoints and progress happen once per epoch. Losses are accumulated on the device and read back
 only every `log_every` steps, so the step itself never waits for the host.
+
+A SIGINT/SIGTERM stops the loop after the current step with a mid-epoch checkpoint; resuming
+replays the rest of that epoch exactly (the loader's order is a function of seed and epoch, the
+RNG state and the epoch's running sums are in the checkpoint).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -21,8 +26,10 @@ from kdcli import __version__
 from kdcli.batch import Batch
 from kdcli.engine.checkpoint import load_state, rng_state, save_state, set_rng_state
 from kdcli.engine.evaluate import Evaluation, evaluate
+from kdcli.engine.precision import autocast
 from kdcli.engine.rundir import RunDir
 from kdcli.engine.schedule import multistep_lr
+from kdcli.engine.signals import StopRequest
 from kdcli.errors import KdError
 from kdcli.methods.base import Method, Needs
 from kdcli.models.features import Outputs, forward_outputs
@@ -46,6 +53,41 @@ class Schedule:
     milestones: list[int]
     lr_decay: float
     log_every: int = 20
+
+
+@dataclass
+class EpochSums:
+    """Running totals of one training epoch, on the device (checkpointed when a run stops mid-epoch)."""
+
+    terms: dict[str, Tensor] = field(default_factory=dict)
+    correct: Tensor | None = None
+    samples: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+
+    def add(self, terms: dict[str, Tensor], correct: Tensor, samples: int) -> None:
+        for name, value in terms.items():
+            value = value.detach().float()
+            self.terms[name] = self.terms[name] + value if name in self.terms else value
+        self.correct = correct if self.correct is None else self.correct + correct
+        self.samples += samples
+        self.steps += 1
+
+    def state(self) -> dict[str, Any]:
+        return {"terms": self.terms, "correct": self.correct, "samples": self.samples,
+                "steps": self.steps, "seconds": self.seconds}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: torch.device) -> "EpochSums":
+        return cls(
+            {k: v.to(device) for k, v in state["terms"].items()},
+            None if state["correct"] is None else state["correct"].to(device),
+            state["samples"], state["steps"], state["seconds"],
+        )
+
+
+class Stopped(KdError):
+    """The run stopped on a signal after writing a resumable checkpoint (exit code 130)."""
 
 
 def run_network(model: nn.Module, batch: Batch, needs: Needs) -> Outputs:
@@ -72,6 +114,10 @@ def _forward(model: nn.Module, x: Tensor, needs: Needs) -> Outputs:
     return Outputs(model(x), [], None)
 
 
+def config_fingerprint(config_text: str) -> str:
+    return hashlib.sha256(config_text.encode()).hexdigest()[:16]
+
+
 class Trainer:
     def __init__(
         self,
@@ -84,6 +130,11 @@ class Trainer:
         run: RunDir,
         reporter: Reporter,
         save_weights,
+        device: torch.device = torch.device("cpu"),
+        precision: str = "fp32",
+        fingerprint: str = "",
+        compile: bool = False,
+        resume_command: str = "kd distill",
     ):
         self.student = student
         self.teacher = teacher if method.needs.teacher else None
@@ -94,13 +145,22 @@ class Trainer:
         self.run = run
         self.reporter = reporter
         self.save_weights = save_weights  # callable(path, top1): writes the student's weights file
+        self.device = device
+        self.precision = precision
+        self.fingerprint = fingerprint  # of config.toml: a resume must continue the same run
+        self.resume_command = resume_command
+        # Compiled graphs run the forward passes; the plain modules own the weights that are saved.
+        self.student_fn = torch.compile(student) if compile else student
+        self.teacher_fn = torch.compile(self.teacher) if compile and self.teacher is not None else self.teacher
         params = list(student.parameters()) + method.trainable_parameters()
         self.optimizer = torch.optim.SGD(
-            params, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay
+            params, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay,
+            **_fast_step(device),
         )
         self.best_top1 = -1.0
         self.best_epoch = 0
         self.teacher_eval: Evaluation | None = None
+        self.stop = StopRequest(self._note_stop)
         if self.teacher is not None:
             self.teacher.eval()
             for p in self.teacher.parameters():
@@ -108,28 +168,30 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict[str, Any]:
-        first_epoch = self._restore() + 1 if resume else 1
+        completed, partial = self._restore() if resume else (0, None)
         if self.teacher is not None:
-            self.teacher_eval = evaluate(self.teacher, self.val_loader)
-        self.reporter.start(self.schedule.epochs, len(self.train_loader), first_epoch)
+            self.teacher_eval = evaluate(self.teacher_fn, self.val_loader)
+        self.reporter.start(self.schedule.epochs, len(self.train_loader), completed + 1)
         metrics: dict[str, Any] = {}
         try:
-            for epoch in range(first_epoch, self.schedule.epochs + 1):
-                metrics = self._epoch(epoch)
+            with self.stop:
+                for epoch in range(completed + 1, self.schedule.epochs + 1):
+                    metrics = self._epoch(epoch, partial)
+                    partial = None
         finally:
             self.reporter.finish()
         return metrics
 
-    def _epoch(self, epoch: int) -> dict[str, Any]:
+    def _epoch(self, epoch: int, partial: dict[str, Any] | None) -> dict[str, Any]:
         s = self.schedule
         lr = multistep_lr(s.lr, epoch, s.milestones, s.lr_decay)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.method.on_epoch_start(epoch, s.epochs)
         started = time.perf_counter()
-        train = self._train_epoch(epoch)
-        train_time = time.perf_counter() - started
-        val = evaluate(self.student, self.val_loader)
+        sums = EpochSums.from_state(partial["sums"], self.device) if partial else EpochSums()
+        train = self._train_epoch(epoch, sums)
+        val = evaluate(self.student_fn, self.val_loader)
         if val.top1 > self.best_top1:
             self.best_top1, self.best_epoch = val.top1, epoch
             self.save_weights(self.run.best, val.top1)
@@ -144,59 +206,61 @@ class Trainer:
             "best_top1": self.best_top1,
             "best_epoch": self.best_epoch,
             "epoch_time_s": time.perf_counter() - started,
-            "images_per_s": train["train_samples"] / train_time if train_time > 0 else 0.0,
+            "images_per_s": train["train_samples"] / sums.seconds if sums.seconds > 0 else 0.0,
         }
         if self.teacher_eval is not None:
             metrics["agreement"] = val.agreement(self.teacher_eval.predictions)
+        if self.device.type == "cuda":
+            metrics["peak_memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         self.run.append_metrics(metrics)
         self._save_checkpoint(epoch)
         self.reporter.epoch_end(metrics)
         return metrics
 
-    def _train_epoch(self, epoch: int) -> dict[str, Any]:
+    def _train_epoch(self, epoch: int, sums: EpochSums) -> dict[str, Any]:
         self.student.train()
         self.method.train()
-        self.train_loader.set_epoch(epoch)
-        steps = len(self.train_loader)
-        sums: dict[str, Tensor] = {}
+        self.train_loader.set_epoch(epoch, start=sums.steps)
+        total = sums.steps + len(self.train_loader)
         window: dict[str, Tensor] = {}
-        correct = None
-        samples = 0
-        for step, batch in enumerate(self.train_loader, start=1):
+        started = time.perf_counter()
+        for step, batch in enumerate(self.train_loader, start=sums.steps + 1):
             terms, logits = self._step(batch)
+            sums.add(terms, (logits.detach().argmax(dim=1) == batch.y).sum(), batch.y.numel())
             for name, value in terms.items():
-                value = value.detach().float()
-                sums[name] = sums[name] + value if name in sums else value
-                window[name] = window[name] + value if name in window else value
-            hits = (logits.detach().argmax(dim=1) == batch.y).sum()
-            correct = hits if correct is None else correct + hits
-            samples += batch.y.numel()
-            if step % self.schedule.log_every == 0 or step == steps:
+                window[name] = window[name] + value.detach().float() if name in window else value.detach().float()
+            if step % self.schedule.log_every == 0 or step == total:
                 host = {name: value.item() for name, value in window.items()}
                 if not all(math.isfinite(v) for v in host.values()):
                     self._diverged(epoch, step, host)
-                self.reporter.step(epoch, step, sum(host.values()) / max(1, self._window_len(step)))
+                self.reporter.step(epoch, step, sum(host.values()) / (step % self.schedule.log_every or self.schedule.log_every))
                 window = {}
-        means = {f"train_{name}": value.item() / steps for name, value in sums.items()}
+            if self.stop.requested and step < total:
+                sums.seconds += time.perf_counter() - started
+                self._save_checkpoint(epoch - 1, partial={"epoch": epoch, "sums": sums.state()})
+                raise Stopped(
+                    f"interrupted at step {step}/{total} of epoch {epoch}; a resumable checkpoint is saved",
+                    f"resume with: {self.resume_command} --resume {self.run.path}",
+                    exit_code=130,
+                )
+        sums.seconds += time.perf_counter() - started
+        means = {f"train_{name}": value.item() / sums.steps for name, value in sums.terms.items()}
         return {
             "train_loss": sum(means.values()),
             **means,
-            "train_top1": 100.0 * correct.item() / samples if samples else 0.0,
-            "train_samples": samples,
+            "train_top1": 100.0 * sums.correct.item() / sums.samples if sums.samples else 0.0,
+            "train_samples": sums.samples,
         }
-
-    def _window_len(self, step: int) -> int:
-        every = self.schedule.log_every
-        return step % every or every
 
     def _step(self, batch: Batch) -> tuple[dict[str, Tensor], Tensor]:
         needs = self.method.needs
-        t_out = None
-        if self.teacher is not None:
-            with torch.no_grad():
-                t_out = run_network(self.teacher, batch, needs)
-        s_out = run_network(self.student, batch, needs)
-        terms = self.method(s_out, t_out, batch)
+        with autocast(self.device, self.precision):
+            t_out = None
+            if self.teacher is not None:
+                with torch.no_grad():
+                    t_out = run_network(self.teacher_fn, batch, needs)
+            s_out = run_network(self.student_fn, batch, needs)
+            terms = self.method(s_out, t_out, batch)
         loss = sum(terms.values())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -211,11 +275,19 @@ class Trainer:
             exit_code=1,
         )
 
+    def _note_stop(self, signal_name: str) -> None:
+        note = getattr(self.reporter, "note", None)
+        if note is not None:
+            note(f"{signal_name}: stopping after the current step and saving a checkpoint (again to stop at once)")
+
     # ---- checkpoints ----------------------------------------------------------------------
-    def _save_checkpoint(self, epoch: int) -> None:
+    def _save_checkpoint(self, completed: int, partial: dict[str, Any] | None = None) -> None:
+        """State after `completed` whole epochs, plus the running state of the next one if stopped inside it."""
         state = {
             "kdcli_version": __version__,
-            "epoch": epoch,
+            "config": self.fingerprint,
+            "epoch": completed,
+            "partial": partial,
             "student": self.student.state_dict(),
             "method": self.method.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -226,8 +298,8 @@ class Trainer:
         }
         save_state(self.run.last, state)
 
-    def _restore(self) -> int:
-        """Load the last checkpoint; returns the epoch it completed."""
+    def _restore(self) -> tuple[int, dict[str, Any] | None]:
+        """Load the last checkpoint: (whole epochs completed, running state of a stopped epoch or None)."""
         if not self.run.last.exists():
             raise KdError(f"{self.run.path} has no checkpoint to resume from", "start a fresh run instead of --resume")
         state = load_state(self.run.last)
@@ -235,6 +307,11 @@ class Trainer:
             raise KdError(
                 f"{self.run.path} was written by kd {state.get('kdcli_version')}, this is kd {__version__}",
                 "resume it with the kd version that started it, or start a fresh run",
+            )
+        if state.get("config") != self.fingerprint:
+            raise KdError(
+                f"{self.run.config} changed since the run's last checkpoint",
+                "restore the original config.toml, or start a new run with --out elsewhere",
             )
         self.student.load_state_dict(state["student"])
         self.method.load_state_dict(state["method"])
@@ -244,4 +321,11 @@ class Trainer:
         self.best_top1, self.best_epoch = state["best_top1"], state["best_epoch"]
         set_rng_state(state["rng"])
         self.run.truncate_metrics(state["epoch"])
-        return int(state["epoch"])
+        return int(state["epoch"]), state.get("partial")
+
+
+def _fast_step(device: torch.device) -> dict[str, bool]:
+    """One fused kernel for the whole SGD update on CUDA; the multi-tensor path elsewhere."""
+    if device.type == "cuda":
+        return {"fused": True}
+    return {"foreach": True}
