@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from dataclasses import replace
@@ -15,18 +14,21 @@ from torch import nn
 from kdcli import __version__
 from kdcli.batch import Batch
 from kdcli.config import RunConfig, read_config_file, build_config, to_toml
-from kdcli.data import build_data, make_loader
+from kdcli.data import DataBundle, FolderSplit, build_data, make_loader
 from kdcli.engine.evaluate import evaluate
 from kdcli.engine.rundir import RunDir
-from kdcli.engine.trainer import Schedule, Trainer
+from kdcli.engine.precision import resolve_precision
+from kdcli.engine.trainer import Schedule, Trainer, config_fingerprint
 from kdcli.errors import KdError
 from kdcli.methods import Method, Shapes, method_class
 from kdcli.methods.base import resolve_hparams
 from kdcli.models import create_model, default_lr, list_models
+from kdcli.models.registry import pretrained_input
 from kdcli.models.features import classifier_of, forward_outputs
 from kdcli.report import ConsoleReporter
 from kdcli.store import find_teacher, register_teacher
-from kdcli.weights import load_model_file, save_model
+from kdcli.profiling import count_params, profile
+from kdcli.weights import input_metadata, load_model_file, read_input, read_metadata, save_model
 
 
 def resolve_device(name: str) -> torch.device:
@@ -43,17 +45,20 @@ def run(config: RunConfig, overwrite: bool = False, resume: bool = False, report
     cls = method_class(config.method)
     resolve_hparams(cls, config.options)  # reject bad --set values before any slow work
     bundle = build_data(config.data, data_dir=config.data_dir, download=config.download)
+    if config.pretrained:
+        bundle = with_pretrained_input(bundle, config.student)
     teacher = load_teacher(config, bundle.num_classes) if config.command == "distill" and cls.needs.teacher else None
     torch.manual_seed(config.seed)
-    student = create_model(config.student, num_classes=bundle.num_classes)
+    student = create_model(config.student, num_classes=bundle.num_classes, pretrained=config.pretrained)
     train_loader = make_loader(
         bundle.train, bundle, config.batch_size, True, device, config.seed, config.workers, views=cls.needs.views
     )
     val_loader = make_loader(bundle.val, bundle, config.eval_batch_size, False, device, config.seed, config.workers)
-    student.to(device)
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    student.to(device, memory_format=memory_format)
     if teacher is not None:
-        teacher.to(device)
-    method = build_method(cls, config, student, teacher, next(iter(val_loader)), len(bundle.train)).to(device)
+        teacher.to(device, memory_format=memory_format)
+    method = build_method(cls, config, student, teacher, next(iter(val_loader)), bundle.train.labels).to(device)
 
     run_dir = RunDir(config.out or default_out(config))
     config = replace(config, out=str(run_dir.path))
@@ -67,6 +72,7 @@ def run(config: RunConfig, overwrite: bool = False, resume: bool = False, report
         "dataset": config.data,
         "method": config.method if config.command == "distill" else "train",
         "teacher": config.teacher,
+        **input_metadata(bundle.mean, bundle.std, bundle.input_size[0] if isinstance(bundle.val, FolderSplit) else None),
     }
 
     def save_weights(path: Path, top1: float) -> None:
@@ -84,6 +90,11 @@ def run(config: RunConfig, overwrite: bool = False, resume: bool = False, report
     trainer = Trainer(
         student, teacher, method, train_loader, val_loader, schedule, run_dir,
         reporter or ConsoleReporter(title), save_weights,
+        device=device,
+        precision=resolve_precision(config.precision, device),
+        fingerprint=config_fingerprint(run_dir.config.read_text()),
+        compile=config.compile,
+        resume_command=f"kd {config.command}",
     )
     started = time.perf_counter()
     trainer.fit(resume=resume)
@@ -114,6 +125,8 @@ def run(config: RunConfig, overwrite: bool = False, resume: bool = False, report
         "time_per_epoch_s": statistics.median(m["epoch_time_s"] for m in history),
         "images_per_s": statistics.median(m["images_per_s"] for m in history),
         "device": str(device),
+        "precision": trainer.precision,
+        "peak_memory_mb": max((m.get("peak_memory_mb", 0.0) for m in history), default=None) or None,
         "weights": str(run_dir.path / weights_name),
         "kdcli_version": __version__,
     }
@@ -144,23 +157,73 @@ def _slug(text: str) -> str:
 
 
 def load_teacher(config: RunConfig, num_classes: int) -> nn.Module:
-    """`--teacher` as a path to a weights file, or a model name looked up in the teacher store."""
+    """`--teacher`: a weights file, a name in the teacher store, or a pretrained timm:/tv: model (see load_network)."""
     if not config.teacher:
         raise KdError("kd distill needs --teacher", "pass a trained model name (see `kd list teachers`) or a checkpoint path")
-    path = Path(config.teacher).expanduser()
-    if path.is_file() or path.suffix in (".safetensors", ".pth", ".pt") or "/" in config.teacher:
-        model, _ = load_model_file(path, arch=config.teacher_arch, num_classes=num_classes)
-        return model
-    stored = find_teacher(config.teacher, config.data)
-    if stored is None:
-        if config.teacher not in list_models():
-            create_model(config.teacher, num_classes=num_classes)  # raises the did-you-mean error
-        raise KdError(
-            f"no trained {config.teacher} for {config.data} in the teacher store",
-            f"train one with `kd train {config.teacher} --data {config.data}`, or pass --teacher PATH to a checkpoint",
-        )
-    model, _ = load_model_file(stored, num_classes=num_classes)
+    model, _ = load_network(config.teacher, config.data, num_classes, arch=config.teacher_arch, pretrained=config.pretrained)
     return model
+
+
+def is_weights_path(name: str) -> bool:
+    """A file, a weights suffix or a slash means a path; anything else is a model name."""
+    path = Path(name).expanduser()
+    return path.is_file() or path.suffix in (".safetensors", ".pth", ".pt") or "/" in name
+
+
+def load_network(
+    spec: str, data: str, num_classes: int, arch: str | None = None, pretrained: bool = False
+) -> tuple[nn.Module, dict[str, str]]:
+    """A trained network and its metadata, for `--teacher` and `kd eval`.
+
+    `spec` is a weights file (kd safetensors; RepDistiller/mdistiller .pth, architecture from `arch`
+    or its `<arch>_vanilla/` folder), else a name looked up in the teacher store for `data`, else,
+    with `pretrained`, a `timm:NAME` / `tv:NAME` model with its published weights (which must
+    predict the data's `num_classes` classes).
+    """
+    if is_weights_path(spec):
+        return load_model_file(Path(spec).expanduser(), arch=arch, num_classes=num_classes)
+    stored = find_teacher(spec, data)
+    if stored is not None:
+        return load_model_file(stored, num_classes=num_classes)
+    external = ":" in spec
+    if pretrained and external:
+        return _pretrained_network(spec, num_classes)
+    if spec not in list_models():
+        create_model(spec, num_classes=num_classes)  # raises the did-you-mean error for unknown names
+    hint = f"train one with `kd train {spec} --data {data}`, or pass a checkpoint path"
+    if external:
+        hint += ", or --pretrained for its published weights"
+    raise KdError(f"no trained {spec} for {data} in the teacher store", hint)
+
+
+def _pretrained_network(spec: str, num_classes: int) -> tuple[nn.Module, dict[str, str]]:
+    expected = pretrained_input(spec)
+    if expected is not None and expected.num_classes != num_classes:
+        raise KdError(
+            f"the pretrained {spec} predicts {expected.num_classes} classes but the data has {num_classes}",
+            f"fine-tune it first (`kd train {spec} --pretrained --data DATA`); it is then found in the teacher store",
+        )
+    model = create_model(spec, num_classes=num_classes, pretrained=True)
+    metadata = {"arch": spec, "num_classes": str(num_classes), "format": "pretrained"}
+    if expected is not None:
+        metadata.update(input_metadata(expected.mean, expected.std, expected.size))
+    return model, metadata
+
+
+def with_pretrained_input(bundle: DataBundle, model_name: str) -> DataBundle:
+    """`bundle` normalised (and, for image folders, sized) as the pretrained weights of `model_name` expect."""
+    expected = pretrained_input(model_name)
+    if expected is None:
+        create_model(model_name, num_classes=bundle.num_classes, pretrained=True)  # the zoo: raises its KdError
+        return bundle
+    return _with_input(bundle, expected.mean, expected.std, expected.size)
+
+
+def _with_input(bundle: DataBundle, mean, std, size: int | None) -> DataBundle:
+    """In-memory sets keep their native size (the loaders do not resize); image folders take `size`."""
+    folder = isinstance(bundle.val, FolderSplit)
+    input_size = (size, size) if size and folder else bundle.input_size
+    return replace(bundle, mean=tuple(mean), std=tuple(std), input_size=input_size)
 
 
 @torch.no_grad()
@@ -178,7 +241,7 @@ def shapes_of(model: nn.Module, x: torch.Tensor) -> Shapes:
 
 
 def build_method(
-    cls: type[Method], config: RunConfig, student: nn.Module, teacher: nn.Module | None, batch: Batch, num_samples: int
+    cls: type[Method], config: RunConfig, student: nn.Module, teacher: nn.Module | None, batch: Batch, train_labels: torch.Tensor
 ) -> Method:
     """The method, built from the networks' shapes (dry run on one batch) and its --set options."""
     x = batch.x[:2]
@@ -186,61 +249,73 @@ def build_method(
     teacher_shapes = shapes_of(teacher, x) if teacher is not None else Shapes()
     head = classifier_of(teacher) if cls.needs.teacher_head and teacher is not None else None
     torch.manual_seed(config.seed + 1)
-    return cls(student_shapes, teacher_shapes, num_samples, teacher_head=head, **config.options)
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    return cls(
+        student_shapes, teacher_shapes, len(train_labels), teacher_head=head, train_labels=train_labels, **config.options
+    )
 
 
 def evaluate_checkpoint(
-    checkpoint: str, data: str | None, arch: str | None, data_dir: str | None, batch_size: int, device: str
+    checkpoint: str,
+    data: str | None = None,
+    arch: str | None = None,
+    data_dir: str | None = None,
+    batch_size: int = 256,
+    device: str = "auto",
+    *,
+    teacher: str | None = None,
+    teacher_arch: str | None = None,
+    pretrained: bool = False,
+    timing: bool = True,
+    workers: int | None = None,
 ) -> dict[str, Any]:
-    """Top-1/top-5/NLL of a kd safetensors or RepDistiller .pth on a dataset's validation split."""
-    dev = resolve_device(device)
-    path = Path(checkpoint)
-    if path.suffix == ".safetensors" and path.is_file():
-        from kdcli.weights import read_metadata
+    """Accuracy, calibration, agreement with a teacher and cost of a network on a dataset's validation split.
 
-        data = data or read_metadata(path).get("dataset")
+    `checkpoint` and `teacher` are resolved as `--teacher` is (`load_network`). The inputs are
+    normalised as the network was trained (the mean/std kd records in its weights, the pretrained
+    config of a timm/tv model), else with the dataset's; the teacher sees the same inputs.
+    Returns top1/top5/ece in percent, nll per sample, agreement in percent, params, macs (one
+    image), latency_ms (batch 1) and throughput (images/s at `throughput_batch`) on `device`.
+    """
+    dev = resolve_device(device)
+    if not data and checkpoint.endswith(".safetensors") and Path(checkpoint).expanduser().is_file():
+        data = read_metadata(Path(checkpoint).expanduser()).get("dataset")
     if not data:
         raise KdError("no dataset to evaluate on", "pass --data (e.g. --data cifar100)")
     bundle = build_data(data, data_dir=data_dir)
-    model, metadata = load_model_file(path, arch=arch, num_classes=bundle.num_classes)
-    loader = make_loader(bundle.val, bundle, batch_size, False, dev, 0, 0)
-    result = evaluate(model.to(dev), loader)
-    return {
-        "checkpoint": str(path),
+    model, metadata = load_network(checkpoint, data, bundle.num_classes, arch=arch, pretrained=pretrained)
+    trained_on = read_input(metadata)
+    if trained_on is not None:
+        bundle = _with_input(bundle, *trained_on)
+    loader = make_loader(bundle.val, bundle, batch_size, False, dev, 0, workers)
+    model.to(dev)
+    result = evaluate(model, loader)
+    summary: dict[str, Any] = {
+        "checkpoint": checkpoint,
         "arch": metadata["arch"],
         "data": data,
         "samples": result.samples,
         "top1": result.top1,
         "top5": result.top5,
         "nll": result.loss,
-        "params": count_params(model),
+        "ece": result.ece,
     }
+    if teacher:
+        teacher_model, teacher_metadata = load_network(teacher, data, bundle.num_classes, arch=teacher_arch, pretrained=pretrained)
+        reference = evaluate(teacher_model.to(dev), loader)
+        summary.update(
+            teacher=teacher, teacher_arch=teacher_metadata["arch"], teacher_top1=reference.top1,
+            agreement=result.agreement(reference.predictions),
+        )
+    cost = profile(model, (3, *bundle.input_size), timing=timing)
+    summary.update(
+        params=cost.params, macs=cost.macs, input_size=[3, *bundle.input_size], latency_ms=cost.latency_ms,
+        throughput=cost.throughput, throughput_batch=cost.throughput_batch, device=cost.device,
+    )
+    return summary
 
 
-def compare(run_dirs: list[str]) -> dict[str, Any]:
-    """Aggregate finished run folders: per (teacher, student, method), top-1 mean and std over runs."""
-    summaries = []
-    for run_path in run_dirs:
-        found = sorted(Path(run_path).glob("**/summary.json"))
-        if not found:
-            raise KdError(f"{run_path} holds no finished kd run (no summary.json)", "pass run folders written by kd distill/train")
-        summaries += [json.loads(p.read_text()) for p in found]
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for s in summaries:
-        groups.setdefault((s.get("teacher"), s["student"], s["method"], s["data"]), []).append(s)
-    rows = []
-    for (teacher, student, method, data), runs in groups.items():
-        last = [r["top1"] for r in runs]
-        best = [r["best_top1"] for r in runs]
-        rows.append({
-            "teacher": teacher, "student": student, "method": method, "data": data, "runs": len(runs),
-            "top1_mean": statistics.fmean(last), "top1_std": statistics.stdev(last) if len(last) > 1 else 0.0,
-            "best_top1_mean": statistics.fmean(best), "best_top1_std": statistics.stdev(best) if len(best) > 1 else 0.0,
-            "time_per_epoch_s": statistics.fmean(r["time_per_epoch_s"] for r in runs),
-        })
-    rows.sort(key=lambda r: -r["top1_mean"])
-    return {"rows": rows}
+def compare(run_dirs: list[str] | None = None, plan=None, out: str | None = None, reporter=None) -> dict[str, Any]:
+    """`kd compare`: train a `kdcli.compare.make_plan` grid (resumably) or aggregate `run_dirs`; see kdcli.compare."""
+    from kdcli import compare as comparison
+
+    return comparison.compare(run_dirs, plan=plan, out=out, reporter=reporter)

@@ -12,7 +12,7 @@ import typer
 from kdcli import __version__
 from kdcli.config import build_config, list_presets, load_preset, parse_set_options
 from kdcli.errors import KdError, unknown
-from kdcli.report import print_fields, print_json, print_rows, print_summary, stderr
+from kdcli.report import fmt, print_fields, print_json, print_rows, print_summary, stderr
 
 app = typer.Typer(
     name="kd",
@@ -33,12 +33,15 @@ BatchSize = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Tr
 Lr = Annotated[Optional[float], typer.Option("--lr", help="Initial learning rate (default 0.05; 0.01 for MobileNetV2/ShuffleNet).")]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed (default 0).")]
 Device = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+Precision = Annotated[Optional[str], typer.Option("--precision", help="auto (bf16 where the hardware is fast at it), fp32 or bf16.")]
+Compile = Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile student and teacher.")]
 Workers = Annotated[Optional[int], typer.Option("--workers", help="DataLoader workers for image folders.")]
 Out = Annotated[Optional[str], typer.Option("--out", "-o", help="Run folder (default runs/<name>-<time>).")]
 Preset = Annotated[Optional[str], typer.Option("--preset", help="Recipe from presets/NAME.toml (or a .toml path); flags override it.")]
 Resume = Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this folder from its last checkpoint.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a run already in --out.")]
 Json = Annotated[bool, typer.Option("--json", help="Print only the summary JSON on stdout.")]
+Pretrained = Annotated[Optional[bool], typer.Option("--pretrained", help="timm:NAME / tv:NAME models start from their published weights (downloaded once, then cached); inputs are normalised as those weights expect.")]
 
 
 def _version(value: bool) -> None:
@@ -74,15 +77,17 @@ def train(
     model: Annotated[Optional[str], typer.Argument(help="Network to train, e.g. resnet110 (see `kd list models`).")] = None,
     data: Data = None, data_dir: DataDir = None, download: Download = None, epochs: Epochs = None,
     batch_size: BatchSize = None, lr: Lr = None, seed: Seed = None, device: Device = None,
+    precision: Precision = None, compile_: Compile = None,
     workers: Workers = None, out: Out = None, preset: Preset = None, resume: Resume = None,
-    overwrite: Overwrite = False, json_out: Json = False,
+    overwrite: Overwrite = False, json_out: Json = False, pretrained: Pretrained = None,
 ) -> None:
     """Train a network from scratch (e.g. a teacher) and register it in the teacher store."""
     if model is None and resume is None:
         raise KdError("kd train needs a MODEL", "e.g. `kd train resnet110 --data cifar100` (see `kd list models`)")
     flags = dict(
-        command="train", student=model, method="none", data=data, data_dir=data_dir, download=download,
+        command="train", student=model, method="none", data=data, data_dir=data_dir, download=download, pretrained=pretrained,
         epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, workers=workers, out=out,
+        precision=precision, compile=compile_,
     )
     _run(flags, preset, resume, overwrite, json_out)
 
@@ -96,35 +101,69 @@ def distill(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Method option KEY=VALUE (repeatable), e.g. --set T=4.")] = None,
     data: Data = None, data_dir: DataDir = None, download: Download = None, epochs: Epochs = None,
     batch_size: BatchSize = None, lr: Lr = None, seed: Seed = None, device: Device = None,
+    precision: Precision = None, compile_: Compile = None,
     workers: Workers = None, out: Out = None, preset: Preset = None, resume: Resume = None,
-    overwrite: Overwrite = False, json_out: Json = False,
+    overwrite: Overwrite = False, json_out: Json = False, pretrained: Pretrained = None,
 ) -> None:
     """Distill a teacher into a student with one method; writes <out>/student.safetensors."""
     flags = dict(
         command="distill", teacher=teacher, student=student, method=method, teacher_arch=teacher_arch,
-        options=parse_set_options(set_ or []) or None, data=data, data_dir=data_dir, download=download,
+        options=parse_set_options(set_ or []) or None, data=data, data_dir=data_dir, download=download, pretrained=pretrained,
         epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, workers=workers, out=out,
+        precision=precision, compile=compile_,
     )
     _run(flags, preset, resume, overwrite, json_out)
 
 
 @app.command("eval")
 def eval_(
-    checkpoint: Annotated[str, typer.Argument(help="A kd .safetensors or a RepDistiller/mdistiller .pth.")],
+    checkpoint: Annotated[str, typer.Argument(help="A kd .safetensors, a RepDistiller/mdistiller .pth, a name in the teacher store, or timm:NAME / tv:NAME with --pretrained.")],
     data: Data = None, data_dir: DataDir = None,
     arch: Annotated[Optional[str], typer.Option("--arch", help="Architecture of a .pth outside an <arch>_vanilla folder.")] = None,
+    teacher: Annotated[Optional[str], typer.Option("--teacher", "-t", help="Also report agreement with this network (resolved as in kd distill).")] = None,
+    teacher_arch: Annotated[Optional[str], typer.Option("--teacher-arch", help="Architecture of a .pth teacher outside an <arch>_vanilla folder.")] = None,
+    pretrained: Annotated[bool, typer.Option("--pretrained", help="timm:NAME / tv:NAME use their published weights (downloaded once, then cached).")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 256,
-    device: Annotated[str, typer.Option("--device")] = "auto",
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N (also where latency and throughput are timed).")] = "auto",
+    workers: Workers = None,
+    timing: Annotated[bool, typer.Option("--timing/--no-timing", help="Time latency (batch 1) and throughput (batch 256).")] = True,
     json_out: Json = False,
 ) -> None:
-    """Evaluate a checkpoint on a dataset's validation split (top-1, top-5, NLL)."""
+    """Evaluate a network on a dataset's validation split: accuracy, calibration, agreement, size and speed.
+
+    top-1/top-5 and NLL; ECE = expected calibration error over 15 equal-width confidence bins (percent);
+    agreement = percent of samples where network and --teacher predict the same class; MACs of one image
+    (FLOPs / 2, torch's FlopCounterMode); latency = median batch-1 forward, throughput = images/s at batch 256.
+    """
     from kdcli import api
 
-    result = api.evaluate_checkpoint(checkpoint, data, arch, data_dir, batch_size, device)
+    result = api.evaluate_checkpoint(
+        checkpoint, data, arch, data_dir, batch_size, device, teacher=teacher, teacher_arch=teacher_arch,
+        pretrained=pretrained, timing=timing, workers=workers,
+    )
     if json_out:
         print_json(result)
-    else:
-        print_fields(f"kd eval {checkpoint}", list(result.items()))
+        return
+    rows = [
+        ("checkpoint", result["checkpoint"]), ("arch", result["arch"]), ("data", result["data"]),
+        ("samples", result["samples"]), ("top-1 (%)", result["top1"]), ("top-5 (%)", result["top5"]),
+        ("NLL", fmt(result["nll"], 4)), ("ECE (%, 15 bins)", result["ece"]),
+        ("teacher", result.get("teacher")), ("teacher top-1 (%)", result.get("teacher_top1")),
+        ("agreement with teacher (%)", result.get("agreement")),
+        ("params", f"{result['params']:,}"), ("MACs (1 image)", _si(result["macs"])),
+        ("input", "x".join(map(str, result["input_size"]))),
+        ("latency, batch 1 (ms)", result["latency_ms"]),
+        (f"throughput, batch {result['throughput_batch']} (img/s)", fmt(result["throughput"], 0) if result["throughput"] else None),
+        ("device", result["device"]),
+    ]
+    print_fields(f"kd eval {checkpoint}", rows)
+
+
+def _si(count: int) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.2f} {unit}"
+    return str(count)
 
 
 @app.command("list")
@@ -155,23 +194,46 @@ def list_(what: Annotated[str, typer.Argument(help="models, methods, datasets, p
 
 @app.command()
 def compare(
-    runs: Annotated[list[str], typer.Argument(help="Run folders (searched recursively for summary.json).")],
+    runs: Annotated[Optional[list[str]], typer.Argument(help="Finished run folders to aggregate (searched recursively); leave out to train the comparison.", show_default=False)] = None,
+    teacher: Annotated[Optional[str], typer.Option("--teacher", "-t", help="Trained teacher: a name from the teacher store, a kd .safetensors or a RepDistiller .pth.")] = None,
+    student: Annotated[Optional[str], typer.Option("--student", "-s", help="Student network, e.g. resnet20.")] = None,
+    methods: Annotated[Optional[str], typer.Option("--methods", "-m", help="Methods to compare, comma-separated (default none,kd, or the preset's); none is the plain student.")] = None,
+    seeds: Annotated[Optional[str], typer.Option("--seeds", help="3 for seeds 0,1,2, or a list such as 0,1,2 (default 1, or the preset's).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="KEY=VALUE for every method that has KEY, METHOD.KEY=VALUE for one (repeatable).")] = None,
+    data: Data = None, data_dir: DataDir = None, download: Download = None, epochs: Epochs = None,
+    batch_size: BatchSize = None, lr: Lr = None, device: Device = None, preset: Preset = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Parent folder of the runs and the compare.* files (default runs/compare-<teacher>-<student>-<time>; when aggregating, the first folder).")] = None,
     json_out: Json = False,
 ) -> None:
-    """Aggregate finished runs into one table: top-1 mean ± std per teacher/student/method."""
-    from kdcli import api
+    """Which method is best for a teacher/student pair, by how much, at what cost.
 
-    result = api.compare(runs)
+    With --teacher/--student (or the grid of a preset such as cifar100-bench) it trains every
+    method x seed under one folder, reusing finished runs and resuming an interrupted one; with run
+    folders it aggregates them. Either way: a table, and compare.json, .csv, .md and .png.
+    """
+    from kdcli import api
+    from kdcli.compare import make_plan, print_tables
+
+    flags = dict(
+        teacher=teacher, student=student, data=data, data_dir=data_dir, download=download, epochs=epochs,
+        batch_size=batch_size, lr=lr, device=device,
+    )
+    if runs:
+        training = {**flags, "methods": methods, "seeds": seeds, "set": set_, "preset": preset}
+        given = [f"--{name.replace('_', '-')}" for name, value in training.items() if value not in (None, [], ())]
+        if given:
+            raise KdError(
+                f"{' '.join(given)} cannot be combined with run folders to aggregate",
+                "aggregate with `kd compare DIR...`, or train with `kd compare --teacher T --student S --methods ...`",
+            )
+        result = api.compare(runs, out=out)
+    else:
+        plan = make_plan(flags, preset=preset, methods=methods, seeds=seeds, options=parse_set_options(set_ or []), out=out)
+        result = api.compare(plan=plan)
     if json_out:
         print_json(result)
-        return
-    rows = [
-        [r["teacher"], r["student"], r["method"], r["data"], r["runs"],
-         f"{r['top1_mean']:.2f} ± {r['top1_std']:.2f}", f"{r['best_top1_mean']:.2f} ± {r['best_top1_std']:.2f}",
-         f"{r['time_per_epoch_s']:.1f}"]
-        for r in result["rows"]
-    ]
-    print_rows("kd compare", ["teacher", "student", "method", "data", "runs", "top-1 last", "top-1 best", "s/epoch"], rows)
+    else:
+        print_tables(result)
 
 
 def main() -> None:
