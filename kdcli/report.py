@@ -69,6 +69,16 @@ class ConsoleReporter:
             self.progress = None
 
 
+class SilentReporter:
+    """No output: other ranks of a data-parallel run, and library callers that want none."""
+
+    def start(self, epochs: int, steps: int, first_epoch: int) -> None: ...
+    def step(self, epoch: int, step: int, loss: float) -> None: ...
+    def epoch_end(self, metrics: dict[str, Any]) -> None: ...
+    def note(self, text: str) -> None: ...
+    def finish(self) -> None: ...
+
+
 def fmt(value: Any, digits: int = 2) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"

@@ -53,6 +53,18 @@ def epoch_order(n: int, train: bool, seed: int, epoch: int) -> Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)))
 
 
+def shard_order(order: Tensor, per_rank: int, rank: int, world: int) -> Tensor:
+    """This rank's part of each global batch of `per_rank * world` samples (a partial last one dropped).
+
+    Every rank computes the same global order, so the ranks' batches together are exactly the
+    batches one process would see with the global batch size.
+    """
+    if world == 1:
+        return order
+    whole = order.numel() // (per_rank * world) * per_rank * world
+    return order[:whole].view(-1, world, per_rank)[:, rank].reshape(-1)
+
+
 class TensorLoader:
     """Batches of an in-memory split, held on `device` once as uint8 and augmented there.
 
@@ -73,9 +85,12 @@ class TensorLoader:
         seed: int = 0,
         drop_last: bool = False,
         views: str | None = None,
+        shard: tuple[int, int] = (0, 1),
     ):
+        """`shard` = (rank, world size) for data-parallel training: `batch_size` is then per rank."""
         self.device = torch.device(device)
         self.views = VIEWS[views] if views and train else None
+        self.rank, self.world = shard if train else (0, 1)
         self.images = split.images.to(self.device)
         self.labels = split.labels.to(self.device)
         self.batch_size = batch_size
@@ -96,6 +111,8 @@ class TensorLoader:
     def num_batches(self) -> int:
         """Batches in a whole epoch."""
         n = len(self.labels)
+        if self.world > 1:
+            return n // (self.batch_size * self.world)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def __len__(self) -> int:
@@ -103,14 +120,16 @@ class TensorLoader:
         return max(self.num_batches - self.start, 0)
 
     def __iter__(self) -> Iterator[Batch]:
-        order = epoch_order(len(self.labels), self.train, self.seed, self.epoch).to(self.device)
+        order = epoch_order(len(self.labels), self.train, self.seed, self.epoch)
+        order = shard_order(order, self.batch_size, self.rank, self.world).to(self.device)
         for b in range(self.start, self.num_batches):
             index = order[b * self.batch_size : (b + 1) * self.batch_size]
             raw = self.images[index]
             images, views = raw, None
             if self.train:
                 # Drawn on the device: CPU draws would need a host-to-device copy that syncs each batch.
-                g = torch.Generator(device=self.device).manual_seed(epoch_seed(self.seed, self.epoch, 1 + b))
+                stream = 1 + b * self.world + self.rank
+                g = torch.Generator(device=self.device).manual_seed(epoch_seed(self.seed, self.epoch, stream))
                 images = random_crop_flip(raw, CROP_PADDING, g)
                 if self.views is not None:
                     views = normalize(self.views(raw, CROP_PADDING, g), self.mean, self.std)
@@ -124,16 +143,18 @@ class _EpochSampler(Sampler):
     augmentation does not depend on the number of workers nor on whether they persist.
     """
 
-    def __init__(self, n: int, batch_size: int, train: bool, seed: int):
+    def __init__(self, n: int, batch_size: int, train: bool, seed: int, shard: tuple[int, int] = (0, 1)):
         self.n, self.batch_size, self.train, self.seed = n, batch_size, train, seed
+        self.rank, self.world = shard if train else (0, 1)
         self.epoch = 0
         self.start = 0
 
     def __len__(self) -> int:
-        return max(self.n - self.start * self.batch_size, 0)
+        served = self.n if self.world == 1 else self.n // (self.batch_size * self.world) * self.batch_size
+        return max(served - self.start * self.batch_size, 0)
 
     def __iter__(self) -> Iterator[tuple[int, int | None]]:
-        order = epoch_order(self.n, self.train, self.seed, self.epoch)
+        order = shard_order(epoch_order(self.n, self.train, self.seed, self.epoch), self.batch_size, self.rank, self.world)
         for i in order[self.start * self.batch_size :].tolist():
             yield i, epoch_seed(self.seed, self.epoch, 1 + i) if self.train else None
 
@@ -187,11 +208,12 @@ class FolderLoader:
         seed: int = 0,
         num_workers: int = 4,
         drop_last: bool = False,
+        shard: tuple[int, int] = (0, 1),
     ):
         self.device = torch.device(device)
         self.mean = torch.as_tensor(mean, dtype=torch.float32, device=self.device)
         self.std = torch.as_tensor(std, dtype=torch.float32, device=self.device)
-        self.sampler = _EpochSampler(len(split), batch_size, train, seed)
+        self.sampler = _EpochSampler(len(split), batch_size, train, seed, shard)
         self.loader = DataLoader(
             _Indexed(split.dataset, folder_transform(size, train)),
             batch_size=batch_size,
@@ -235,6 +257,7 @@ def make_loader(
     num_workers: int | None = None,
     drop_last: bool = False,
     views: str | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> TensorLoader | FolderLoader:
     """The loader for `split` (bundle.train or bundle.val): TensorLoader in memory, FolderLoader on disk.
 
@@ -244,7 +267,7 @@ def make_loader(
     if batch_size < 1:
         raise KdError(f"batch size must be at least 1, got {batch_size}", "pass a positive batch size")
     if isinstance(split, InMemorySplit):
-        return TensorLoader(split, batch_size, train, bundle.mean, bundle.std, device, seed, drop_last, views)
+        return TensorLoader(split, batch_size, train, bundle.mean, bundle.std, device, seed, drop_last, views, shard)
     if views and train:
         raise KdError(
             f"methods that need {views!r} views run on in-memory datasets only for now",
@@ -253,4 +276,4 @@ def make_loader(
     workers = default_num_workers() if num_workers is None else num_workers
     size = bundle.input_size[0]
     mean, std = bundle.mean, bundle.std
-    return FolderLoader(split, batch_size, train, mean, std, size, device, seed, workers, drop_last)
+    return FolderLoader(split, batch_size, train, mean, std, size, device, seed, workers, drop_last, shard)

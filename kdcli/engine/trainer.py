@@ -6,6 +6,10 @@ one optimizer over the student and the method's own trainable parameters. Evalua
 checkpoints and progress happen once per epoch. Losses are accumulated on the device and read back
 only every `log_every` steps, so the step itself never waits for the host.
 
+Under torchrun the student (and the method's trainable heads) run in DistributedDataParallel,
+each rank trains on its share of every global batch, training sums are all-reduced, evaluation runs
+on every rank's identical model, and only rank 0 writes files.
+
 A SIGINT/SIGTERM stops the loop after the current step with a mid-epoch checkpoint; resuming
 replays the rest of that epoch exactly (the loader's order is a function of seed and epoch, the
 RNG state and the epoch's running sums are in the checkpoint).
@@ -24,6 +28,7 @@ from torch import Tensor, nn
 
 from kdcli import __version__
 from kdcli.batch import Batch
+from kdcli.engine import distributed
 from kdcli.engine.checkpoint import load_state, rng_state, save_state, set_rng_state
 from kdcli.engine.evaluate import Evaluation, evaluate
 from kdcli.engine.precision import autocast
@@ -135,6 +140,7 @@ class Trainer:
         fingerprint: str = "",
         compile: bool = False,
         resume_command: str = "kd distill",
+        world: distributed.World = distributed.World(),
     ):
         self.student = student
         self.teacher = teacher if method.needs.teacher else None
@@ -149,8 +155,12 @@ class Trainer:
         self.precision = precision
         self.fingerprint = fingerprint  # of config.toml: a resume must continue the same run
         self.resume_command = resume_command
+        self.world = world
         # Compiled graphs run the forward passes; the plain modules own the weights that are saved.
-        self.student_fn = torch.compile(student) if compile else student
+        # Evaluation uses the unwrapped student: a DDP forward would wait for the other ranks.
+        self.eval_fn = torch.compile(student) if compile else student
+        self.student_fn = distributed.wrap(self.eval_fn, world, device)
+        self.method_fn = distributed.wrap(method, world, device, heads=True)
         self.teacher_fn = torch.compile(self.teacher) if compile and self.teacher is not None else self.teacher
         params = list(student.parameters()) + method.trainable_parameters()
         self.optimizer = torch.optim.SGD(
@@ -171,10 +181,10 @@ class Trainer:
         completed, partial = self._restore() if resume else (0, None)
         if self.teacher is not None:
             self.teacher_eval = evaluate(self.teacher_fn, self.val_loader)
-        self.reporter.start(self.schedule.epochs, len(self.train_loader), completed + 1)
         metrics: dict[str, Any] = {}
         try:
-            with self.stop:
+            with self.stop:  # before the header line: once it is printed, Ctrl-C saves a checkpoint
+                self.reporter.start(self.schedule.epochs, len(self.train_loader), completed + 1)
                 for epoch in range(completed + 1, self.schedule.epochs + 1):
                     metrics = self._epoch(epoch, partial)
                     partial = None
@@ -191,10 +201,11 @@ class Trainer:
         started = time.perf_counter()
         sums = EpochSums.from_state(partial["sums"], self.device) if partial else EpochSums()
         train = self._train_epoch(epoch, sums)
-        val = evaluate(self.student_fn, self.val_loader)
+        val = evaluate(self.eval_fn, self.val_loader)
         if val.top1 > self.best_top1:
             self.best_top1, self.best_epoch = val.top1, epoch
-            self.save_weights(self.run.best, val.top1)
+            if self.world.is_main:
+                self.save_weights(self.run.best, val.top1)
         metrics = {
             "epoch": epoch,
             "lr": lr,
@@ -210,9 +221,9 @@ class Trainer:
         }
         if self.teacher_eval is not None:
             metrics["agreement"] = val.agreement(self.teacher_eval.predictions)
-        if self.device.type == "cuda":
-            metrics["peak_memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
-        self.run.append_metrics(metrics)
+        metrics["peak_memory_mb"] = peak_memory_mb(self.device)
+        if self.world.is_main:
+            self.run.append_metrics(metrics)
         self._save_checkpoint(epoch)
         self.reporter.epoch_end(metrics)
         return metrics
@@ -229,28 +240,50 @@ class Trainer:
             sums.add(terms, (logits.detach().argmax(dim=1) == batch.y).sum(), batch.y.numel())
             for name, value in terms.items():
                 window[name] = window[name] + value.detach().float() if name in window else value.detach().float()
-            if step % self.schedule.log_every == 0 or step == total:
-                host = {name: value.item() for name, value in window.items()}
+            logging = step % self.schedule.log_every == 0 or step == total
+            if logging:
+                host = {name: value.item() / self.world.size for name, value in self._reduced(window).items()}
                 if not all(math.isfinite(v) for v in host.values()):
                     self._diverged(epoch, step, host)
                 self.reporter.step(epoch, step, sum(host.values()) / (step % self.schedule.log_every or self.schedule.log_every))
                 window = {}
-            if self.stop.requested and step < total:
+            # One process stops at any step; ranks agree on stopping at a log step, where they sync anyway.
+            stop = self.stop.requested if not self.world.enabled else logging and distributed.any_rank(self.stop.requested, self.device)
+            if stop and step < total:
                 sums.seconds += time.perf_counter() - started
-                self._save_checkpoint(epoch - 1, partial={"epoch": epoch, "sums": sums.state()})
+                self._save_checkpoint(epoch - 1, partial={"epoch": epoch, "sums": self._rank_mean(sums).state()})
                 raise Stopped(
                     f"interrupted at step {step}/{total} of epoch {epoch}; a resumable checkpoint is saved",
                     f"resume with: {self.resume_command} --resume {self.run.path}",
                     exit_code=130,
                 )
         sums.seconds += time.perf_counter() - started
-        means = {f"train_{name}": value.item() / sums.steps for name, value in sums.terms.items()}
+        size = self.world.size
+        means = {f"train_{name}": value.item() / (sums.steps * size) for name, value in self._reduced(sums.terms).items()}
+        counts = self._reduced({"c": sums.correct.float(), "n": torch.tensor(float(sums.samples), device=self.device)})
+        samples = int(counts["n"].item())
         return {
             "train_loss": sum(means.values()),
             **means,
-            "train_top1": 100.0 * sums.correct.item() / sums.samples if sums.samples else 0.0,
-            "train_samples": sums.samples,
+            "train_top1": 100.0 * counts["c"].item() / samples if samples else 0.0,
+            "train_samples": samples,
         }
+
+    def _rank_mean(self, sums: EpochSums) -> EpochSums:
+        """The ranks' running sums averaged, so every rank can resume from rank 0's checkpoint."""
+        if not self.world.enabled:
+            return sums
+        mean = {k: v / self.world.size for k, v in self._reduced(sums.terms).items()}
+        correct = self._reduced({"c": sums.correct.float()})["c"] / self.world.size
+        return EpochSums(mean, correct, sums.samples, sums.steps, sums.seconds)
+
+    def _reduced(self, values: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Sums over ranks, in one collective (values unchanged in a single process)."""
+        if not self.world.enabled or not values:
+            return values
+        names = sorted(values)
+        total = distributed.all_reduce_sum(torch.stack([values[n].float().reshape(()) for n in names]))
+        return dict(zip(names, total))
 
     def _step(self, batch: Batch) -> tuple[dict[str, Tensor], Tensor]:
         needs = self.method.needs
@@ -260,7 +293,7 @@ class Trainer:
                 with torch.no_grad():
                     t_out = run_network(self.teacher_fn, batch, needs)
             s_out = run_network(self.student_fn, batch, needs)
-            terms = self.method(s_out, t_out, batch)
+            terms = self.method_fn(s_out, t_out, batch)
         loss = sum(terms.values())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -296,7 +329,8 @@ class Trainer:
             "best_epoch": self.best_epoch,
             "rng": rng_state(),
         }
-        save_state(self.run.last, state)
+        if self.world.is_main:
+            save_state(self.run.last, state)
 
     def _restore(self) -> tuple[int, dict[str, Any] | None]:
         """Load the last checkpoint: (whole epochs completed, running state of a stopped epoch or None)."""
@@ -322,6 +356,15 @@ class Trainer:
         set_rng_state(state["rng"])
         self.run.truncate_metrics(state["epoch"])
         return int(state["epoch"]), state.get("partial")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: CUDA allocations on a GPU, the process's peak resident size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _fast_step(device: torch.device) -> dict[str, bool]:

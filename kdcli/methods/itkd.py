@@ -77,6 +77,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdcli.batch import Batch
+from kdcli.engine.distributed import average_parameter_gradients
 from kdcli.errors import KdError
 from kdcli.losses import dkd_loss, kd_loss
 from kdcli.methods.base import Method, Shapes, coerce, register
@@ -494,6 +495,9 @@ class InstanceTemperatureKD(Method):
         optimizer = self._optimizers[name]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        # Every rank steps the same agent: its gradients are averaged over the ranks' rollouts.
+        for group in optimizer.param_groups:
+            average_parameter_gradients(group["params"])
         if clipped is not None:
             nn.utils.clip_grad_norm_(clipped.parameters(), self.hp["max_grad_norm"])
         optimizer.step()

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdcli.engine.distributed import all_gather_cat, all_reduce_sum, world_size
+
 NCE_EPS = 1e-7  # the reference's eps inside the NCE log-ratios
 
 # Bounds on the transient [rows, N] tensors the sampler builds per call (elements).
@@ -55,8 +57,10 @@ class ContrastMemory(nn.Module):
     def update(self, index: Tensor, student_emb: Tensor, teacher_emb: Tensor) -> None:
         """Momentum update of the rows at `index`, then re-normalisation to unit length.
 
-        The only writer of the banks: under DDP, all-gather its three arguments around it.
+        The only writer of the banks. Under DDP every rank applies every rank's rows, so the banks
+        stay identical without being broadcast.
         """
+        index, student_emb, teacher_emb = (all_gather_cat(t.detach()) for t in (index, student_emb, teacher_emb))
         for bank, emb in ((self.student, student_emb), (self.teacher, teacher_emb)):
             rows = bank[index].mul_(self.momentum).add_(emb.detach().to(bank.dtype), alpha=1 - self.momentum)
             bank.index_copy_(0, index, F.normalize(rows, dim=1))
@@ -69,7 +73,8 @@ class ContrastMemory(nn.Module):
         """
         if self.z[side] < 0:
             with torch.no_grad():
-                self.z[side] = first_mean().detach() * self.num_samples
+                mean = all_reduce_sum(first_mean().detach().reshape(1)) / world_size()
+                self.z[side] = mean[0] * self.num_samples
         return self.z[side].clone()  # not a view: writing the other side's Z must not touch saved tensors
 
 
