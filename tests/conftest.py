@@ -13,6 +13,9 @@ from kdcli.cli import main
 # Tiny, fast, learnable data for end-to-end tests.
 TINY_DATA = "synthetic:classes=4,n=160,size=16"
 
+# metrics.jsonl fields that measure the machine, not the training: excluded when runs are compared.
+MEASURED_FIELDS = {"epoch_time_s", "images_per_s", "peak_memory_mb"}
+
 
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path_factory, monkeypatch):

@@ -16,7 +16,7 @@ from kdcli import api
 from kdcli.config import build_config, load_preset
 from kdcli.models import create_model
 from kdcli.weights import save_model
-from tests.conftest import TINY_DATA, assert_clean_error
+from tests.conftest import MEASURED_FIELDS, TINY_DATA, assert_clean_error
 
 COMMON = ["--data", TINY_DATA, "--epochs", "2", "--batch-size", "32", "--device", "cpu"]
 
@@ -113,8 +113,7 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
 
     def metrics(run):
-        timing = {"epoch_time_s", "images_per_s"}
-        return [{k: v for k, v in json.loads(line).items() if k not in timing}
+        return [{k: v for k, v in json.loads(line).items() if k not in MEASURED_FIELDS}
                 for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
 
     assert metrics("straight") == metrics("resumed")
