@@ -17,6 +17,7 @@ from kdcli.config import RunConfig, read_config_file, build_config, to_toml
 from kdcli.data import DataBundle, FolderSplit, build_data, make_loader
 from kdcli.engine.evaluate import evaluate
 from kdcli.engine.rundir import RunDir
+from kdcli.engine import distributed
 from kdcli.engine.precision import resolve_precision
 from kdcli.engine.trainer import Schedule, Trainer, config_fingerprint
 from kdcli.errors import KdError
@@ -25,7 +26,7 @@ from kdcli.methods.base import resolve_hparams
 from kdcli.models import create_model, default_lr, list_models
 from kdcli.models.registry import pretrained_input
 from kdcli.models.features import classifier_of, forward_outputs
-from kdcli.report import ConsoleReporter
+from kdcli.report import ConsoleReporter, SilentReporter
 from kdcli.store import find_teacher, register_teacher
 from kdcli.profiling import count_params, profile
 from kdcli.weights import input_metadata, load_model_file, read_input, read_metadata, save_model
@@ -40,10 +41,17 @@ def resolve_device(name: str) -> torch.device:
 
 
 def run(config: RunConfig, overwrite: bool = False, resume: bool = False, reporter=None) -> dict[str, Any]:
-    """Train (`config.command == "train"`) or distill; everything is validated before anything is written."""
+    """Train (`config.command == "train"`) or distill; everything is validated before anything is written.
+
+    Under torchrun each process calls this; rank 0 alone writes the run folder.
+    """
+    world = distributed.setup(config.device)
     device = resolve_device(config.device)
+    if world.enabled and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
     cls = method_class(config.method)
     resolve_hparams(cls, config.options)  # reject bad --set values before any slow work
+    check_architecture_name(config.student)
     bundle = build_data(config.data, data_dir=config.data_dir, download=config.download)
     if config.pretrained:
         bundle = with_pretrained_input(bundle, config.student)
@@ -51,19 +59,27 @@ def run(config: RunConfig, overwrite: bool = False, resume: bool = False, report
     torch.manual_seed(config.seed)
     student = create_model(config.student, num_classes=bundle.num_classes, pretrained=config.pretrained)
     train_loader = make_loader(
-        bundle.train, bundle, config.batch_size, True, device, config.seed, config.workers, views=cls.needs.views
+        bundle.train, bundle, distributed.check_batch(config.batch_size, world), True, device, config.seed,
+        config.workers, views=cls.needs.views, shard=(world.rank, world.size),
     )
     val_loader = make_loader(bundle.val, bundle, config.eval_batch_size, False, device, config.seed, config.workers)
+    if config.sync_bn and world.enabled:
+        if device.type != "cuda":
+            raise KdError("--sync-bn needs GPUs (PyTorch's SyncBatchNorm has no CPU kernel)", "drop --sync-bn for CPU runs")
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     student.to(device, memory_format=memory_format)
     if teacher is not None:
         teacher.to(device, memory_format=memory_format)
     method = build_method(cls, config, student, teacher, next(iter(val_loader)), bundle.train.labels).to(device)
 
-    run_dir = RunDir(config.out or default_out(config))
+    run_dir = RunDir(config.out or distributed.broadcast_object(str(default_out(config))))
     config = replace(config, out=str(run_dir.path))
-    if not resume:
+    if teacher is not None and not resume:
+        check_out_apart_from_teacher(run_dir, config)
+    if not resume and world.is_main:
         run_dir.create(to_toml(config), overwrite=overwrite)
+    distributed.barrier()
 
     weights_name = "model.safetensors" if config.command == "train" else "student.safetensors"
     metadata = {
@@ -87,6 +103,8 @@ def run(config: RunConfig, overwrite: bool = False, resume: bool = False, report
         lr_decay=config.lr_decay,
     )
     title = f"{config.teacher} -> {config.student} [{config.method}]" if teacher else f"train {config.student}"
+    if not world.is_main:
+        reporter = SilentReporter()
     trainer = Trainer(
         student, teacher, method, train_loader, val_loader, schedule, run_dir,
         reporter or ConsoleReporter(title), save_weights,
@@ -95,10 +113,13 @@ def run(config: RunConfig, overwrite: bool = False, resume: bool = False, report
         fingerprint=config_fingerprint(run_dir.config.read_text()),
         compile=config.compile,
         resume_command=f"kd {config.command}",
+        world=world,
     )
     started = time.perf_counter()
     trainer.fit(resume=resume)
     elapsed = time.perf_counter() - started
+    if not world.is_main:
+        return {"rank": world.rank, "run_dir": str(run_dir.path)}
 
     history = run_dir.read_metrics()
     last = history[-1]
@@ -126,7 +147,8 @@ def run(config: RunConfig, overwrite: bool = False, resume: bool = False, report
         "images_per_s": statistics.median(m["images_per_s"] for m in history),
         "device": str(device),
         "precision": trainer.precision,
-        "peak_memory_mb": max((m.get("peak_memory_mb", 0.0) for m in history), default=None) or None,
+        "processes": world.size,
+        "peak_memory_mb": max(m["peak_memory_mb"] for m in history),
         "weights": str(run_dir.path / weights_name),
         "kdcli_version": __version__,
     }
@@ -164,6 +186,26 @@ def load_teacher(config: RunConfig, num_classes: int) -> nn.Module:
     return model
 
 
+def check_architecture_name(name: str) -> None:
+    """The student is named by its architecture; a weights file there is a mix-up with --teacher."""
+    path = Path(name).expanduser()
+    if path.is_file() or path.suffix in (".safetensors", ".pth", ".pt"):
+        raise KdError(
+            f"{name} is a weights file, but the student must be an architecture name",
+            "name the network to train, e.g. --student resnet20 (see `kd list models`); a trained network goes to --teacher",
+        )
+
+
+def check_out_apart_from_teacher(run_dir: RunDir, config: RunConfig) -> None:
+    """Refuse an --out folder that holds the teacher's weights: the run would mix with or overwrite them."""
+    path = Path(config.teacher).expanduser() if is_weights_path(config.teacher) else find_teacher(config.teacher, config.data)
+    if path is not None and path.resolve().is_relative_to(run_dir.path.resolve()):
+        raise KdError(
+            f"--out {run_dir.path} holds the teacher's weights {path}",
+            "write the run to another folder with --out (the teacher's file would be mixed with or overwritten by the run)",
+        )
+
+
 def is_weights_path(name: str) -> bool:
     """A file, a weights suffix or a slash means a path; anything else is a model name."""
     path = Path(name).expanduser()
@@ -181,7 +223,14 @@ def load_network(
     predict the data's `num_classes` classes).
     """
     if is_weights_path(spec):
-        return load_model_file(Path(spec).expanduser(), arch=arch, num_classes=num_classes)
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            inside = [p for p in (path / "student.safetensors", path / "model.safetensors") if p.is_file()]
+            raise KdError(
+                f"{spec} is a folder, not a weights file",
+                f"pass {inside[0]}" if inside else "pass the .safetensors or .pth file inside it",
+            )
+        return load_model_file(path, arch=arch, num_classes=num_classes)
     stored = find_teacher(spec, data)
     if stored is not None:
         return load_model_file(stored, num_classes=num_classes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -40,6 +41,8 @@ Out = Annotated[Optional[str], typer.Option("--out", "-o", help="Run folder (def
 Preset = Annotated[Optional[str], typer.Option("--preset", help="Recipe from presets/NAME.toml (or a .toml path); flags override it.")]
 Resume = Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this folder from its last checkpoint.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a run already in --out.")]
+SyncBn = Annotated[Optional[bool], typer.Option("--sync-bn", help="SyncBatchNorm across data-parallel processes (GPUs).")]
+Nproc = Annotated[int, typer.Option("--nproc", help="Data-parallel processes on this machine (launches torchrun).")]
 Json = Annotated[bool, typer.Option("--json", help="Print only the summary JSON on stdout.")]
 Pretrained = Annotated[Optional[bool], typer.Option("--pretrained", help="timm:NAME / tv:NAME models start from their published weights (downloaded once, then cached); inputs are normalised as those weights expect.")]
 
@@ -58,7 +61,18 @@ def _root(
     _state["debug"] = debug
 
 
-def _run(flags: dict[str, Any], preset: str | None, resume: Path | None, overwrite: bool, json_out: bool) -> None:
+def _run(
+    flags: dict[str, Any], preset: str | None, resume: Path | None, overwrite: bool, json_out: bool, nproc: int = 1
+) -> None:
+    if nproc < 1:
+        raise KdError(f"--nproc {nproc} is invalid", "use 1 or more processes")
+    if resume is not None:
+        _check_resume_alone(flags, preset, overwrite, resume)
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from kdcli.launch import launch
+
+        launch(nproc, sys.argv[1:])
+        return
     from kdcli import api
 
     if resume is not None:
@@ -66,10 +80,26 @@ def _run(flags: dict[str, Any], preset: str | None, resume: Path | None, overwri
     else:
         config = build_config(load_preset(preset) if preset else {}, flags)
         summary = api.run(config, overwrite=overwrite)
+    if "rank" in summary:
+        return  # another rank of a data-parallel run: rank 0 prints the results
     if json_out:
         print_json(summary)
     else:
         print_summary(summary)
+
+
+def _check_resume_alone(flags: dict[str, Any], preset: str | None, overwrite: bool, resume: Path) -> None:
+    """A resumed run keeps the settings in its config.toml: refuse flags it would silently ignore."""
+    implied = {"command": flags["command"], "method": "none" if flags["command"] == "train" else None}
+    names = {"options": "--set", "student": "--student" if flags["command"] == "distill" else "MODEL"}
+    given = [names.get(key, f"--{key.replace('_', '-')}") for key, value in flags.items()
+             if value is not None and value != implied.get(key)]
+    given += ["--preset"] * (preset is not None) + ["--overwrite"] * overwrite
+    if given:
+        raise KdError(
+            f"--resume continues with the settings saved in {resume / 'config.toml'}; {', '.join(given)} cannot be combined with it",
+            f"run `kd {flags['command']} --resume {resume}` alone, or start a new run with other settings in another --out",
+        )
 
 
 @app.command()
@@ -79,7 +109,7 @@ def train(
     batch_size: BatchSize = None, lr: Lr = None, seed: Seed = None, device: Device = None,
     precision: Precision = None, compile_: Compile = None,
     workers: Workers = None, out: Out = None, preset: Preset = None, resume: Resume = None,
-    overwrite: Overwrite = False, json_out: Json = False, pretrained: Pretrained = None,
+    overwrite: Overwrite = False, json_out: Json = False, pretrained: Pretrained = None, nproc: Nproc = 1, sync_bn: SyncBn = None,
 ) -> None:
     """Train a network from scratch (e.g. a teacher) and register it in the teacher store."""
     if model is None and resume is None:
@@ -87,9 +117,9 @@ def train(
     flags = dict(
         command="train", student=model, method="none", data=data, data_dir=data_dir, download=download, pretrained=pretrained,
         epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, workers=workers, out=out,
-        precision=precision, compile=compile_,
+        precision=precision, compile=compile_, sync_bn=sync_bn,
     )
-    _run(flags, preset, resume, overwrite, json_out)
+    _run(flags, preset, resume, overwrite, json_out, nproc)
 
 
 @app.command()
@@ -103,16 +133,16 @@ def distill(
     batch_size: BatchSize = None, lr: Lr = None, seed: Seed = None, device: Device = None,
     precision: Precision = None, compile_: Compile = None,
     workers: Workers = None, out: Out = None, preset: Preset = None, resume: Resume = None,
-    overwrite: Overwrite = False, json_out: Json = False, pretrained: Pretrained = None,
+    overwrite: Overwrite = False, json_out: Json = False, pretrained: Pretrained = None, nproc: Nproc = 1, sync_bn: SyncBn = None,
 ) -> None:
     """Distill a teacher into a student with one method; writes <out>/student.safetensors."""
     flags = dict(
         command="distill", teacher=teacher, student=student, method=method, teacher_arch=teacher_arch,
         options=parse_set_options(set_ or []) or None, data=data, data_dir=data_dir, download=download, pretrained=pretrained,
         epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, workers=workers, out=out,
-        precision=precision, compile=compile_,
+        precision=precision, compile=compile_, sync_bn=sync_bn,
     )
-    _run(flags, preset, resume, overwrite, json_out)
+    _run(flags, preset, resume, overwrite, json_out, nproc)
 
 
 @app.command("eval")
@@ -250,6 +280,8 @@ def main() -> None:
 
 
 def _fail(exc: BaseException, message: str, hint: str | None, code: int) -> None:
+    if os.environ.get("RANK", "0") != "0":
+        sys.exit(code)  # ranks of a data-parallel run fail alike: rank 0 speaks for them
     if _state["debug"]:
         traceback.print_exception(exc)
     stderr.print(f"error: {message}", markup=False, soft_wrap=True)

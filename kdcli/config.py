@@ -44,6 +44,7 @@ class RunConfig:
     precision: str = "auto"  # auto: bf16 autocast where the hardware has fast bf16, else fp32
     channels_last: bool = True
     compile: bool = False
+    sync_bn: bool = False  # SyncBatchNorm across the processes of a DDP run (GPUs)
     workers: int = 4
     out: str | None = None
 

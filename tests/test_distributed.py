@@ -101,3 +101,22 @@ def test_torchrun_two_processes_match_one_process(tmp_path, teacher_file):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "teacher", "two"]
     # Same global batch, same data order: the two runs agree within the noise of 4-class tiny data.
     assert abs(one["top1"] - two["top1"]) <= 15.0, (one["top1"], two["top1"])
+
+
+def test_sync_bn_on_cpu_is_a_clear_error(kd, monkeypatch, tmp_path):
+    from kdcli.engine import distributed
+    from tests.conftest import assert_clean_error
+
+    monkeypatch.setattr(distributed, "setup", lambda device: distributed.World(rank=0, size=2))
+    result = kd("train", "resnet8", "--data", TINY_DATA, "--device", "cpu", "--sync-bn", "--out", tmp_path / "r")
+    assert_clean_error(result, "--sync-bn needs GPUs")
+    assert not (tmp_path / "r").exists()
+
+
+def test_global_batch_must_split_over_processes(kd, monkeypatch, tmp_path):
+    from kdcli.engine import distributed
+    from tests.conftest import assert_clean_error
+
+    monkeypatch.setattr(distributed, "setup", lambda device: distributed.World(rank=0, size=2))
+    result = kd("train", "resnet8", "--data", TINY_DATA, "--device", "cpu", "--batch-size", "33", "--out", tmp_path / "r")
+    assert_clean_error(result, "does not split over 2 processes")
