@@ -241,7 +241,7 @@ def test_timm_and_torchvision_backbones(name):
         out = forward_outputs(model, x)
     assert logits.shape == (2, 10)
     assert torch.allclose(out.logits, logits)
-    assert out.features == []
+    assert len(out.features) == 5 and out.features[-1].shape[:2] == (2, 512)  # stem + 4 stages (tests/test_backbones.py covers more)
     assert out.embedding.shape == (2, 512)
     assert torch.allclose(classifier_of(model)(out.embedding), logits, atol=1e-5)
 

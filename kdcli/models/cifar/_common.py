@@ -44,6 +44,16 @@ def run_stage(stage: nn.Sequential, x: Tensor) -> tuple[Tensor, Tensor]:
     return last.forward_with_preact(x)
 
 
+def run_stages(x: Tensor, stages, preact: bool) -> tuple[list[Tensor], Tensor]:
+    """`([x, stage outputs...], last output)`; pre-activation stage outputs when `preact`."""
+    feats, pres = [x], [x]
+    for stage in stages:
+        x, pre = run_stage(stage, x)
+        feats.append(x)
+        pres.append(pre)
+    return (pres if preact else feats), x
+
+
 def channel_shuffle(x: Tensor, groups: int) -> Tensor:
     """ShuffleNet channel shuffle: interleave the channels of `groups` groups."""
     n, c, h, w = x.shape

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdcli.models.cifar._common import CifarNet, pool_flat, reference_init_, run_stage
+from kdcli.models.cifar._common import CifarNet, pool_flat, reference_init_, run_stages
 from kdcli.models.registry import register_model
 
 
@@ -65,13 +65,8 @@ class ResNetV2(CifarNet):
         reference_init_(self)
 
     def forward_features(self, x: Tensor, preact: bool = False) -> tuple[list[Tensor], Tensor]:
-        x = F.relu(self.bn1(self.conv1(x)))
-        feats, pres = [x], [x]
-        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
-            x, pre = run_stage(stage, x)
-            feats.append(x)
-            pres.append(pre)
-        return (pres if preact else feats), pool_flat(x)
+        feats, x = run_stages(F.relu(self.bn1(self.conv1(x))), (self.layer1, self.layer2, self.layer3, self.layer4), preact)
+        return feats, pool_flat(x)
 
     def get_classifier(self) -> nn.Linear:
         return self.linear

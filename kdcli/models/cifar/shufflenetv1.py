@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdcli.models.cifar._common import CifarNet, channel_shuffle, pool_flat, run_stage
+from kdcli.models.cifar._common import CifarNet, channel_shuffle, pool_flat, run_stages
 from kdcli.models.registry import register_model
 
 
@@ -66,13 +66,8 @@ class ShuffleNetV1(CifarNet):
         self.linear = nn.Linear(in_chs, num_classes)
 
     def forward_features(self, x: Tensor, preact: bool = False) -> tuple[list[Tensor], Tensor]:
-        x = F.relu(self.bn1(self.conv1(x)))
-        feats, pres = [x], [x]
-        for stage in (self.layer1, self.layer2, self.layer3):
-            x, pre = run_stage(stage, x)
-            feats.append(x)
-            pres.append(pre)
-        return (pres if preact else feats), pool_flat(x)
+        feats, x = run_stages(F.relu(self.bn1(self.conv1(x))), (self.layer1, self.layer2, self.layer3), preact)
+        return feats, pool_flat(x)
 
     def get_classifier(self) -> nn.Linear:
         return self.linear

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdcli.models.cifar._common import CifarNet, channel_shuffle, pool_flat, run_stage
+from kdcli.models.cifar._common import CifarNet, channel_shuffle, pool_flat, run_stages
 from kdcli.models.registry import register_model
 
 
@@ -84,14 +84,9 @@ class ShuffleNetV2(CifarNet):
         self.linear = nn.Linear(widths[3], num_classes)
 
     def forward_features(self, x: Tensor, preact: bool = False) -> tuple[list[Tensor], Tensor]:
-        x = F.relu(self.bn1(self.conv1(x)))
-        feats, pres = [x], [x]
-        for stage in (self.layer1, self.layer2, self.layer3):
-            x, pre = run_stage(stage, x)
-            feats.append(x)
-            pres.append(pre)
+        feats, x = run_stages(F.relu(self.bn1(self.conv1(x))), (self.layer1, self.layer2, self.layer3), preact)
         embedding = pool_flat(F.relu(self.bn2(self.conv2(x))))
-        return (pres if preact else feats), embedding
+        return feats, embedding
 
     def get_classifier(self) -> nn.Linear:
         return self.linear
