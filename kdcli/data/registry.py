@@ -239,9 +239,32 @@ def _imagefolder(path: str, data_dir=None, download=False, image_size: int | Non
 
 def _image_folder(folder: Path) -> ImageFolder:
     try:
-        return ImageFolder(str(folder))
+        return ImageFolder(str(folder), loader=read_image)
     except FileNotFoundError as e:  # no class folders, or a class folder with no images
         raise KdError(f"no usable images in {folder}: {e}", _FOLDER_HINT) from e
+
+
+class UnreadableImage(KdError):
+    """An image file that cannot be decoded (found when it is first read, in training or evaluation)."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        # A DataLoader worker's exception comes back as cls("Caught ... Original Traceback ...: <message>"):
+        # keep the original message, not the worker's traceback.
+        if "Original Traceback" in message:
+            message = message.rstrip().splitlines()[-1].partition(": ")[2] or message
+        super().__init__(message, hint or "delete or replace that file, then run again (`--resume RUN` continues a run that had started)")
+
+
+def read_image(path: str):
+    """ImageFolder's loader: the image as RGB, or UnreadableImage naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with open(path, "rb") as handle:
+            return Image.open(handle).convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        reason = "not an image format PIL knows" if isinstance(e, UnidentifiedImageError) else str(e)
+        raise UnreadableImage(f"cannot read image {path} ({reason})") from None
 
 
 def _names(names: list[str], limit: int = 5) -> str:

@@ -250,6 +250,9 @@ class Trainer:
             # One process stops at any step; ranks agree on stopping at a log step, where they sync anyway.
             stop = self.stop.requested if not self.world.enabled else logging and distributed.any_rank(self.stop.requested, self.device)
             if stop and step < total:
+                unchecked = {name: value.item() for name, value in window.items()}  # steps since the last log
+                if not all(math.isfinite(v) for v in unchecked.values()):
+                    self._diverged(epoch, step, unchecked)  # never checkpoint a diverged state
                 sums.seconds += time.perf_counter() - started
                 self._save_checkpoint(epoch - 1, partial={"epoch": epoch, "sums": self._rank_mean(sums).state()})
                 raise Stopped(
@@ -335,7 +338,12 @@ class Trainer:
     def _restore(self) -> tuple[int, dict[str, Any] | None]:
         """Load the last checkpoint: (whole epochs completed, running state of a stopped epoch or None)."""
         if not self.run.last.exists():
-            raise KdError(f"{self.run.path} has no checkpoint to resume from", "start a fresh run instead of --resume")
+            # Stopped (e.g. killed) before its first checkpoint: nothing to keep, so start it over.
+            note = getattr(self.reporter, "note", None)
+            if note is not None:
+                note(f"{self.run.path} has no checkpoint yet: starting the run from its first epoch")
+            self.run.truncate_metrics(0)
+            return 0, None
         state = load_state(self.run.last)
         if state.get("kdcli_version") != __version__:
             raise KdError(
