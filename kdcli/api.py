@@ -54,10 +54,10 @@ def run(config: RunConfig, overwrite: bool = False, resume: bool = False, report
     check_architecture_name(config.student)
     bundle = build_data(config.data, data_dir=config.data_dir, download=config.download)
     if config.pretrained:
-        bundle = with_pretrained_input(bundle, config.student)
+        bundle = with_pretrained_input(bundle, config.student, config.teacher if config.command == "distill" else None)
     teacher = load_teacher(config, bundle.num_classes) if config.command == "distill" and cls.needs.teacher else None
     torch.manual_seed(config.seed)
-    student = create_model(config.student, num_classes=bundle.num_classes, pretrained=config.pretrained)
+    student = create_model(config.student, num_classes=bundle.num_classes, pretrained=config.pretrained and is_external(config.student))
     train_loader = make_loader(
         bundle.train, bundle, distributed.check_batch(config.batch_size, world), True, device, config.seed,
         config.workers, views=cls.needs.views, shard=(world.rank, world.size),
@@ -234,7 +234,7 @@ def load_network(
     stored = find_teacher(spec, data)
     if stored is not None:
         return load_model_file(stored, num_classes=num_classes)
-    external = ":" in spec
+    external = is_external(spec)
     if pretrained and external:
         return _pretrained_network(spec, num_classes)
     if spec not in list_models():
@@ -259,13 +259,22 @@ def _pretrained_network(spec: str, num_classes: int) -> tuple[nn.Module, dict[st
     return model, metadata
 
 
-def with_pretrained_input(bundle: DataBundle, model_name: str) -> DataBundle:
-    """`bundle` normalised (and, for image folders, sized) as the pretrained weights of `model_name` expect."""
-    expected = pretrained_input(model_name)
-    if expected is None:
-        create_model(model_name, num_classes=bundle.num_classes, pretrained=True)  # the zoo: raises its KdError
-        return bundle
-    return _with_input(bundle, expected.mean, expected.std, expected.size)
+def is_external(name: str | None) -> bool:
+    """A `timm:NAME` / `tv:NAME` model name (these have published weights; the zoo has none)."""
+    return bool(name) and not is_weights_path(name) and name.partition(":")[0] in ("timm", "tv")
+
+
+def with_pretrained_input(bundle: DataBundle, student: str, teacher: str | None = None) -> DataBundle:
+    """`bundle` normalised (and, for image folders, sized) as the published weights of the student
+    expect, or of the teacher when only the teacher is a timm:/tv: model (`--pretrained`)."""
+    name = next((n for n in (student, teacher) if is_external(n)), None)
+    if name is None:
+        raise KdError(
+            "--pretrained applies to timm:NAME and tv:NAME models, and there is none in this run",
+            "drop --pretrained (CIFAR-zoo models have no published weights; load trained ones from a checkpoint)",
+        )
+    expected = pretrained_input(name)
+    return bundle if expected is None else _with_input(bundle, expected.mean, expected.std, expected.size)
 
 
 def _with_input(bundle: DataBundle, mean, std, size: int | None) -> DataBundle:

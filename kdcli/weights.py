@@ -33,6 +33,27 @@ def save_model(path: Path, model: nn.Module, **metadata: Any) -> None:
     atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=header))
 
 
+def input_metadata(mean, std, size: int | None = None) -> dict[str, str]:
+    """Metadata recording the input a network was trained on: normalisation and (image folders) size."""
+    metadata = {"mean": ",".join(f"{v:g}" for v in mean), "std": ",".join(f"{v:g}" for v in std)}
+    if size:
+        metadata["image_size"] = str(size)
+    return metadata
+
+
+def read_input(metadata: dict[str, str]) -> tuple[tuple[float, ...], tuple[float, ...], int | None] | None:
+    """(mean, std, image size or None) recorded by `input_metadata`; None when the file has none."""
+    if "mean" not in metadata or "std" not in metadata:
+        return None
+    try:
+        mean = tuple(float(v) for v in metadata["mean"].split(","))
+        std = tuple(float(v) for v in metadata["std"].split(","))
+        size = int(metadata["image_size"]) if metadata.get("image_size") else None
+    except ValueError:
+        return None
+    return mean, std, size
+
+
 def read_metadata(path: Path) -> dict[str, str]:
     """The metadata of a kd safetensors file; a clear error for anything else."""
     try:

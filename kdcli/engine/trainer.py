@@ -307,7 +307,8 @@ class Trainer:
         described = ", ".join(f"{name}={value:.4g}" for name, value in terms.items())
         raise KdError(
             f"training diverged: the loss became non-finite by step {step} of epoch {epoch} ({described})",
-            f"lower --lr or the method's weights (--set ...); the last good checkpoint is kept in {self.run.checkpoints}",
+            f"lower --lr or the method's weights (--set ...), or train with --precision fp32; "
+            f"the last good checkpoint is kept in {self.run.checkpoints}",
             exit_code=1,
         )
 

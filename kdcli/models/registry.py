@@ -1,9 +1,20 @@
-"""Model names -> modules: the CIFAR zoo, `timm:NAME` and `tv:NAME`."""
+"""Model names -> modules: the CIFAR zoo, `timm:NAME` and `tv:NAME`.
+
+Pretrained weights load from the local cache without touching the network (huggingface_hub's cache
+or torch.hub's `checkpoints/`). A timm file that is not cached is downloaded after a quick
+connection test (CONNECT_TIMEOUT_S): offline, or with HF_HUB_OFFLINE=1, it fails at once with a
+KdError instead of after huggingface_hub's ~50 s of retries. torchvision downloads with urllib,
+which fails at once when the host cannot be resolved.
+"""
 
 from __future__ import annotations
 
 import difflib
+import socket
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
 
 from torch import nn
 
@@ -13,6 +24,17 @@ _ZOO: dict[str, Callable[..., nn.Module]] = {}
 
 # RepDistiller's learning-rate exception for light students (CIFAR-100 protocol).
 _LIGHT_STUDENTS = frozenset({"MobileNetV2", "ShuffleV1", "ShuffleV2"})
+CONNECT_TIMEOUT_S = 3.0  # the connection test before downloading weights that are not cached
+
+
+@dataclass(frozen=True)
+class PretrainedInput:
+    """What the pretrained weights of a timm/torchvision model expect: input side, normalisation, classes."""
+
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    num_classes: int
 
 
 def register_model(name: str):
@@ -84,13 +106,87 @@ def _unknown_external(kind: str, name: str, choices: list[str], listing: str) ->
     return KdError(f"unknown {kind} {name!r}", hint + f"(see `{listing}`)")
 
 
-def _download_error(name: str, err: Exception) -> KdError:
-    reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+def _download_error(name: str, err: Exception | str) -> KdError:
+    reason = err if isinstance(err, str) else (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
     return KdError(
         f"could not load the pretrained weights of {name!r}: {reason}",
         "weights download on first use: connect once to fill the cache (~/.cache/huggingface, "
-        "~/.cache/torch); offline with a filled cache, set HF_HUB_OFFLINE=1; or build without pretrained weights",
+        "~/.cache/torch); offline, cached weights load as they are; or build without pretrained weights",
     )
+
+
+def pretrained_input(name: str) -> PretrainedInput | None:
+    """The input size, normalisation and class count of a `timm:`/`tv:` model's default pretrained
+    weights (timm's `pretrained_cfg`, torchvision's weights transforms); None for the zoo. No download."""
+    source, _, arch = name.partition(":")
+    if source == "timm":
+        import timm
+
+        cfg = timm.get_pretrained_cfg(arch)
+        if cfg is None:
+            return None
+        return PretrainedInput(cfg.input_size[-1], tuple(cfg.mean), tuple(cfg.std), cfg.num_classes)
+    if source == "tv":
+        weights = _torchvision_weights(arch)
+        transforms = weights.transforms()
+        return PretrainedInput(
+            transforms.crop_size[0], tuple(transforms.mean), tuple(transforms.std), len(weights.meta["categories"])
+        )
+    return None
+
+
+def _reachable(url: str) -> bool:
+    """Whether a TCP connection to the host of `url` (or to the proxy serving it) opens quickly."""
+    from urllib.request import getproxies, proxy_bypass
+
+    target = urlparse(url)
+    proxy = getproxies().get(target.scheme)
+    if proxy and not proxy_bypass(target.hostname or ""):
+        target = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+    port = target.port or (443 if target.scheme == "https" else 80)
+    try:
+        socket.create_connection((target.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError:
+        return False
+    return True
+
+
+def _hub_cached(url: str) -> Path:
+    """Where torch.hub (and torchvision, and timm for URL weights) caches the file at `url`."""
+    import torch
+
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+
+
+def _timm_weights_source(arch: str) -> dict:
+    """timm's `pretrained_cfg_overlay`: the cached weight file when there is one, else {} (download).
+
+    Raises a KdError at once when the file is not cached and cannot be downloaded.
+    """
+    import huggingface_hub
+    import timm
+
+    cfg = timm.get_pretrained_cfg(arch)
+    if cfg is None:
+        return {}
+    if cfg.hf_hub_id:
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        for filename in filter(None, (cfg.hf_hub_filename, "model.safetensors", "pytorch_model.bin")):
+            cached = huggingface_hub.try_to_load_from_cache(repo, filename, revision=revision or None)
+            if isinstance(cached, str):
+                return {"file": cached}
+        if huggingface_hub.constants.HF_HUB_OFFLINE:
+            raise _download_error(f"timm:{arch}", "not in the Hugging Face cache and HF_HUB_OFFLINE is set")
+        url = huggingface_hub.constants.ENDPOINT
+    elif cfg.url:
+        if _hub_cached(cfg.url).is_file():
+            return {"file": str(_hub_cached(cfg.url))}
+        url = cfg.url
+    else:
+        return {}
+    if not _reachable(url):
+        raise _download_error(f"timm:{arch}", f"not in the local cache and {urlparse(url).hostname} cannot be reached (offline?)")
+    return {}
 
 
 def _bad_options(name: str, err: TypeError) -> KdError:
@@ -105,6 +201,10 @@ def _timm_model(arch: str, num_classes: int, pretrained: bool, kw: dict) -> nn.M
             "timm model", arch, timm.list_models(), "python -c 'import timm; print(timm.list_models())'"
         )
     name = f"timm:{arch}"
+    if pretrained:
+        overlay = _timm_weights_source(arch)
+        if overlay:
+            kw = {**kw, "pretrained_cfg_overlay": {**kw.get("pretrained_cfg_overlay", {}), **overlay}}
     try:
         return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, **kw)
     except TypeError as err:
@@ -115,7 +215,7 @@ def _timm_model(arch: str, num_classes: int, pretrained: bool, kw: dict) -> nn.M
         raise
 
 
-def _torchvision_model(arch: str, num_classes: int, pretrained: bool, kw: dict) -> nn.Module:
+def _torchvision_weights(arch: str):
     import torchvision
 
     if arch not in torchvision.models.list_models():
@@ -123,11 +223,17 @@ def _torchvision_model(arch: str, num_classes: int, pretrained: bool, kw: dict) 
             "torchvision model", arch, torchvision.models.list_models(),
             "python -c 'import torchvision; print(torchvision.models.list_models())'",
         )
+    return torchvision.models.get_model_weights(arch).DEFAULT
+
+
+def _torchvision_model(arch: str, num_classes: int, pretrained: bool, kw: dict) -> nn.Module:
+    import torchvision
+
+    weights = _torchvision_weights(arch)
     name = f"tv:{arch}"
     try:
         if not pretrained:
             return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kw)
-        weights = torchvision.models.get_model_weights(arch).DEFAULT
         model = torchvision.models.get_model(arch, weights=weights, **kw)
     except TypeError as err:
         raise _bad_options(name, err) from err
