@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from kdcli import __version__
-from kdcli.engine.checkpoint import atomic_write
+from kdcli.engine.checkpoint import STATE_KEY, atomic_write
 from kdcli.errors import KdError
 from kdcli.models import create_model
 from kdcli.models.features import classifier_of
@@ -80,6 +80,11 @@ def load_model_file(
         raise KdError(f"checkpoint {path} does not exist", "check the path, or train one with `kd train`")
     if path.suffix == ".safetensors":
         metadata = read_metadata(path)
+        if STATE_KEY in metadata:
+            raise KdError(
+                f"{path} is a kd resume checkpoint, not a weights file",
+                "pass the run's student.safetensors (model.safetensors for kd train) or checkpoints/best.safetensors",
+            )
         if metadata.get("format") != FORMAT or "arch" not in metadata:
             raise KdError(
                 f"{path} was not written by kd (no arch in its metadata)",
@@ -89,7 +94,7 @@ def load_model_file(
         file_classes = int(metadata["num_classes"])
         _check_classes(path, file_classes, num_classes)
         model = create_model(arch, num_classes=file_classes)
-        _check_layout(path, model, _safetensors_shapes(path), arch)
+        _check_layout(path, model, _safetensors_layout(path), arch)
         state = _read_safetensors(path)
     else:
         state = _read_pth(path)
@@ -97,7 +102,7 @@ def load_model_file(
         file_classes = _classes_in(state, arch)
         _check_classes(path, file_classes, num_classes)
         model = create_model(arch, num_classes=file_classes)
-        _check_layout(path, model, {k: tuple(v.shape) for k, v in state.items()}, arch)
+        _check_layout(path, model, {k: (tuple(v.shape), v.is_floating_point()) for k, v in state.items()}, arch)
         metadata = {"arch": arch, "num_classes": str(file_classes), "format": "pth"}
     model.load_state_dict(state, strict=True)
     return model, metadata
@@ -111,9 +116,11 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise KdError(f"{path} is corrupt ({exc})", "re-create the file or pass another checkpoint") from None
 
 
-def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+def _safetensors_layout(path: Path) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """(shape, is floating point) of every tensor, read from the header alone."""
     with safe_open(str(path), framework="pt") as handle:
-        return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+        slices = {key: handle.get_slice(key) for key in handle.keys()}
+        return {key: (tuple(s.get_shape()), s.get_dtype().startswith(("F", "BF"))) for key, s in slices.items()}
 
 
 def _read_pth(path: Path) -> dict[str, torch.Tensor]:
@@ -181,16 +188,17 @@ def _check_classes(path: Path, have: int, need: int | None) -> None:
         )
 
 
-def _check_layout(path: Path, model: nn.Module, shapes: dict[str, tuple[int, ...]], arch: str) -> None:
-    """Compare the file's tensor names and shapes with the model before loading anything."""
-    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
-    missing = [key for key in expected if key not in shapes]
-    extra = [key for key in shapes if key not in expected]
-    wrong = [key for key in expected if key in shapes and shapes[key] != expected[key]]
+def _check_layout(path: Path, model: nn.Module, layout: dict[str, tuple[tuple[int, ...], bool]], arch: str) -> None:
+    """Compare the file's tensor names, shapes and dtype kinds (float or integer) with the model
+    before loading anything: float precision may differ (bf16 weights load into fp32), kind may not."""
+    expected = {key: (tuple(v.shape), v.is_floating_point()) for key, v in model.state_dict().items()}
+    missing = [key for key in expected if key not in layout]
+    extra = [key for key in layout if key not in expected]
+    wrong = [key for key in expected if key in layout and layout[key] != expected[key]]
     if missing or extra or wrong:
         sample = (missing or extra or wrong)[0]
         raise KdError(
             f"{path} does not match architecture {arch!r} "
-            f"({len(missing)} missing, {len(extra)} unexpected, {len(wrong)} mis-shaped tensors, e.g. {sample})",
+            f"({len(missing)} missing, {len(extra)} unexpected, {len(wrong)} mis-shaped or mis-typed tensors, e.g. {sample})",
             "pass the architecture the checkpoint was trained with (--teacher-arch / --arch)",
         )

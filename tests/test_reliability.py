@@ -539,13 +539,24 @@ def test_unreadable_training_image_stops_cleanly_and_the_run_continues_once_fixe
     assert json.loads(result.stdout)["epochs"] == 1
 
 
-@pytest.mark.xfail(strict=True, reason="needs kdcli/weights.py (owned elsewhere): load_model_file calls a kd resume "
-                   "checkpoint (checkpoints/last.safetensors, metadata key 'kdcli.state') 'not written by kd'; it should "
-                   "say 'X is a kd resume checkpoint, not a weights file' and hint at student.safetensors or "
-                   "checkpoints/best.safetensors")
 def test_a_resume_checkpoint_given_as_teacher_says_what_it_is(kd, finished_run):
     result = kd("distill", "--teacher", finished_run / "checkpoints" / "last.safetensors", "--student", "resnet8",
                 *COMMON, "--out", finished_run.parent / "out")
     assert_clean_error(result, "resume checkpoint")  # says what the file is ...
     assert "not written by kd" not in result.stderr  # ... not that it is foreign
     assert "student.safetensors" in result.stderr.split("hint:")[1]
+
+
+def test_safetensors_header_dtypes_are_checked_before_loading(kd, tmp_path):
+    """An integer tensor where the model has a float weight is refused from the header alone."""
+    from safetensors.torch import save_file
+
+    from kdcli.models import create_model
+    from kdcli.weights import FORMAT
+
+    state = {k: v.contiguous() for k, v in create_model("resnet8", num_classes=4).state_dict().items()}
+    state["fc.weight"] = state["fc.weight"].to(torch.int32)
+    bad = tmp_path / "typed.safetensors"
+    save_file(state, str(bad), metadata={"format": FORMAT, "arch": "resnet8", "num_classes": "4"})
+    assert_clean_error(kd("distill", "--teacher", bad, *COMMON, "--out", tmp_path / "out"), "mis-typed")
+    assert not (tmp_path / "out").exists()

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from kdcli.errors import KdError
 
 _TENSOR = "__tensor__"
-_SKELETON_KEY = "kdcli.state"
+STATE_KEY = "kdcli.state"
 
 
 def flatten(state: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -77,7 +77,7 @@ def save_state(path: Path, state: dict[str, Any], metadata: dict[str, str] | Non
     tensors: dict[str, torch.Tensor] = {}
     skeleton = flatten(state, "s", tensors)
     header = dict(metadata or {})
-    header[_SKELETON_KEY] = json.dumps(skeleton)
+    header[STATE_KEY] = json.dumps(skeleton)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
 
 
@@ -87,7 +87,7 @@ def load_state(path: Path) -> dict[str, Any]:
         tensors = load_file(str(path))
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}
-        return unflatten(json.loads(header[_SKELETON_KEY]), tensors)
+        return unflatten(json.loads(header[STATE_KEY]), tensors)
     except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as exc:
         raise KdError(
             f"checkpoint {path} is unreadable ({exc})",
