@@ -29,7 +29,7 @@ from kdcli.models.features import classifier_of, forward_outputs
 from kdcli.report import ConsoleReporter, SilentReporter
 from kdcli.store import find_teacher, register_teacher
 from kdcli.profiling import count_params, profile
-from kdcli.weights import input_metadata, load_model_file, read_input, read_metadata, save_model
+from kdcli.weights import input_metadata, is_weights_path, load_model_file, read_input, read_metadata, save_model
 
 
 def resolve_device(name: str) -> torch.device:
@@ -204,12 +204,6 @@ def check_out_apart_from_teacher(run_dir: RunDir, config: RunConfig) -> None:
             f"--out {run_dir.path} holds the teacher's weights {path}",
             "write the run to another folder with --out (the teacher's file would be mixed with or overwritten by the run)",
         )
-
-
-def is_weights_path(name: str) -> bool:
-    """A file, a weights suffix or a slash means a path; anything else is a model name."""
-    path = Path(name).expanduser()
-    return path.is_file() or path.suffix in (".safetensors", ".pth", ".pt") or "/" in name
 
 
 def load_network(

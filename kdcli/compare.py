@@ -34,6 +34,7 @@ from kdcli.methods.base import resolve_hparams
 from kdcli.models import list_models
 from kdcli.report import fmt, stderr, stdout
 from kdcli.store import dataset_key, find_teacher
+from kdcli.weights import is_weights_path
 
 DEFAULT_METHODS = ["none", "kd"]
 GRID_KEYS = ("pairs", "methods", "seeds")
@@ -219,11 +220,6 @@ def preset_options(options: dict[str, Any], method: str | None, compared: list[s
     return {f"{method}.{key}": value for key, value in options.items()} if method in compared else {}
 
 
-def _is_path(name: str) -> bool:
-    """The rule of api.load_teacher: a file, a weights suffix or a slash means a path, else a store name."""
-    return "/" in name or Path(name).suffix in (".safetensors", ".pth", ".pt") or Path(name).expanduser().is_file()
-
-
 def _slug(name: str | None) -> str:
     return dataset_key(_short(name)) if name else "none"
 
@@ -249,14 +245,14 @@ def check_networks(jobs: list[Job]) -> None:
     for job in jobs:
         c = job.config
         for name in (c.student, c.teacher):
-            if name and not _is_path(name) and ":" not in name and name not in known:
+            if name and not is_weights_path(name) and ":" not in name and name not in known:
                 raise unknown("model", name, known, "kd list models")
         if method_class(c.method).needs.teacher and not c.teacher:
             raise KdError(
                 f"method {c.method!r} needs a teacher",
                 "pass --teacher NAME (see `kd list teachers`) or a checkpoint path, or compare only --methods none",
             )
-        if c.teacher and not _is_path(c.teacher) and find_teacher(c.teacher, c.data) is None:
+        if c.teacher and not is_weights_path(c.teacher) and find_teacher(c.teacher, c.data) is None:
             names = missing.setdefault(c.data, [])
             if c.teacher not in names:
                 names.append(c.teacher)
@@ -540,7 +536,7 @@ def cells(row: dict[str, Any]) -> list[str]:
 
 def _short(teacher: str) -> str:
     """A store name as is; a checkpoint path as `folder/name` (`resnet32x4_vanilla/ckpt_epoch_240`)."""
-    if not _is_path(teacher):
+    if not is_weights_path(teacher):
         return teacher
     path = Path(teacher)
     return f"{path.parent.name}/{path.stem}" if path.parent.name else path.stem

@@ -25,6 +25,13 @@ _WRAPPER_KEYS = ("model", "state_dict", "net", "student")
 _PREFIXES = ("module.", "student.", "model.")
 
 
+def is_weights_path(name: str) -> bool:
+    """How `--teacher` and `kd eval` read a name: a file, a weights suffix or a slash means a path,
+    anything else a model name (teacher store, zoo, timm:/tv:)."""
+    path = Path(name).expanduser()
+    return path.is_file() or path.suffix in (".safetensors", ".pth", ".pt") or "/" in name
+
+
 def save_model(path: Path, model: nn.Module, **metadata: Any) -> None:
     """Write the model's weights and string metadata (arch, num_classes, dataset, ...) atomically."""
     header = {"format": FORMAT, "kdcli_version": __version__}

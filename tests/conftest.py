@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,6 +48,28 @@ def kd(capsys, monkeypatch):
         return Result(code, out, err)
 
     return run
+
+
+class _Payload:
+    """Unpickling this runs Path.write_text: a stand-in for a checkpoint that carries code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "pwned"))
+
+
+def write_malicious_pth(folder: Path) -> tuple[Path, Path]:
+    """A RepDistiller-looking `.pth` whose unpickling would create a marker file: (checkpoint, marker)."""
+    import pickle
+
+    evil = folder / "resnet8_vanilla" / "ckpt.pth"
+    evil.parent.mkdir(parents=True)
+    marker = folder / "payload-ran"
+    with open(evil, "wb") as handle:
+        pickle.dump({"model": _Payload(str(marker))}, handle)
+    return evil, marker
 
 
 def assert_clean_error(result: Result, *fragments: str) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from kdcli import api
 from kdcli.config import build_config, load_preset
 from kdcli.models import create_model
 from kdcli.weights import save_model
-from tests.conftest import MEASURED_FIELDS, TINY_DATA, assert_clean_error
+from tests.conftest import MEASURED_FIELDS, TINY_DATA, assert_clean_error, write_malicious_pth
 
 COMMON = ["--data", TINY_DATA, "--epochs", "2", "--batch-size", "32", "--device", "cpu"]
 
@@ -199,20 +198,8 @@ def test_repdistiller_pth_teacher(kd, tmp_path):
     assert result.code == 0, result.stderr
 
 
-class _Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.write_text, (Path(self.marker), "pwned"))
-
-
 def test_malicious_pickle_is_refused_without_running(kd, tmp_path):
-    marker = tmp_path / "payload-ran"
-    evil = tmp_path / "resnet8_vanilla" / "ckpt.pth"
-    evil.parent.mkdir()
-    with open(evil, "wb") as handle:
-        pickle.dump({"model": _Payload(str(marker))}, handle)
+    evil, marker = write_malicious_pth(tmp_path)
     assert_clean_error(kd("distill", "--teacher", evil, *COMMON), "refused")
     assert not marker.exists()
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import pickle
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from kdcli.data import build_data
 from kdcli.engine.evaluate import evaluate, expected_calibration_error
 from kdcli.models import create_model
 from kdcli.profiling import count_macs, latency_ms, throughput
-from tests.conftest import TINY_DATA, assert_clean_error
+from tests.conftest import TINY_DATA, assert_clean_error, write_malicious_pth
 
 # fp32: the default "auto" may train in bf16 on the CPU; eval runs in fp32.
 COMMON = ["--data", TINY_DATA, "--batch-size", "32", "--device", "cpu", "--precision", "fp32"]
@@ -139,20 +138,8 @@ def test_timing_reports_positive_numbers():
     assert rate > 0 and batch == 16
 
 
-class _Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.write_text, (Path(self.marker), "pwned"))
-
-
 def test_malicious_pickle_is_refused_without_running(kd, tmp_path):
-    marker = tmp_path / "payload-ran"
-    evil = tmp_path / "resnet8_vanilla" / "ckpt.pth"
-    evil.parent.mkdir()
-    with open(evil, "wb") as handle:
-        pickle.dump({"model": _Payload(str(marker))}, handle)
+    evil, marker = write_malicious_pth(tmp_path)
     assert_clean_error(kd("eval", evil, "--data", TINY_DATA), "refused")
     good, _ = _repdistiller_checkpoint(tmp_path / "ok")
     assert_clean_error(kd("eval", good, "--teacher", evil, "--data", TINY_DATA), "refused")
