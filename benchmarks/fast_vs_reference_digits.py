@@ -1,0 +1,191 @@
+"""Does kd's fast mode change results? bf16 + device loader vs fp32 + a RepDistiller-style PIL pipeline.
+
+    .venv/bin/python benchmarks/fast_vs_reference_digits.py --epochs 8 --seeds 0,1,2 --out runs/bench-fast-vs-ref
+
+On the bundled digits (offline), a teacher is trained once, then for every seed the student is
+distilled twice with `kd distill --method kd` (quickstart preset otherwise):
+
+- `fast`: the kd defaults with `--precision bf16`: bf16 autocast, channels_last, the device-resident
+  TensorLoader with its batched crop/flip.
+- `reference`: `--precision fp32`, NCHW (no channels_last) and RepDistiller's data path for training:
+  a torch DataLoader over PIL images with RandomCrop(32, 4) + RandomHorizontalFlip + ToTensor +
+  Normalize (swapped in for kd's train loader; evaluation is the same for both).
+
+Reported: last-epoch top-1 per seed, mean ± std (sample std) of each mode, and whether the difference
+of the means is within 2 pooled std (sqrt((std_fast^2 + std_ref^2) / 2)). A benchmark, not a test:
+seeds differ in initialisation, order and augmentation, so only "within noise" is meaningful.
+`--tiny` runs a seconds-long version on small synthetic data (for the test suite).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import json
+import math
+import os
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from unittest import mock
+
+import torch
+from torch.utils.data import DataLoader
+
+from kdcli import api
+from kdcli.batch import Batch
+from kdcli.config import build_config, load_preset
+from kdcli.data.loaders import epoch_seed
+from kdcli.data.registry import DataBundle, InMemorySplit
+from reference import ReferenceInstance, hwc_arrays, reference_transform
+from throughput import device_info
+
+TINY = {"data": "synthetic:classes=4,n=160,size=16", "epochs": 1, "seeds": "0", "teacher": "resnet8", "student": "resnet8"}
+
+
+class ReferenceLoader:
+    """RepDistiller's training data path behind kd's loader interface (set_epoch, len, Batch items).
+
+    A DataLoader over the split as PIL images, transformed on the host to normalised float32 NCHW,
+    then copied to the device. The shuffle is seeded from (seed, epoch); the crops and flips draw from
+    the global torch RNG as torchvision's transforms do (the run seeds it).
+    """
+
+    def __init__(self, split: InMemorySplit, bundle: DataBundle, batch_size: int, device, seed: int, workers: int):
+        dataset = ReferenceInstance(hwc_arrays(split.images), split.labels.tolist(),
+                                    reference_transform(bundle.mean, bundle.std, bundle.input_size[0]))
+        self.generator = torch.Generator()
+        self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, generator=self.generator)
+        self.device, self.seed, self.start = torch.device(device), seed, 0
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.generator.manual_seed(epoch_seed(self.seed, epoch))
+        self.start = start
+
+    def __len__(self) -> int:
+        return len(self.loader) - self.start
+
+    def __iter__(self) -> Iterator[Batch]:
+        for i, (x, y, index) in enumerate(self.loader):
+            if i >= self.start:
+                yield Batch(x.to(self.device), y.to(self.device), index.to(self.device))
+
+
+@contextlib.contextmanager
+def reference_data_path(workers: int):
+    """Make api.run train on ReferenceLoader (validation loaders and the method's dry run are unchanged)."""
+    original = api.make_loader
+    signature = inspect.signature(original)
+
+    def make_loader(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        if a["train"] and isinstance(a["split"], InMemorySplit) and not a.get("views"):
+            return ReferenceLoader(a["split"], a["bundle"], a["batch_size"], a["device"], a["seed"], workers)
+        return original(*args, **kwargs)
+
+    with mock.patch.object(api, "make_loader", make_loader):
+        yield
+
+
+class Quiet:
+    def start(self, *args): ...
+    def step(self, *args): ...
+    def finish(self): ...
+    def note(self, *args): ...
+
+    def epoch_end(self, m):
+        print(f"    epoch {m['epoch']}: val top-1 {m['val_top1']:.2f} ({m['epoch_time_s']:.1f} s)", file=sys.stderr, flush=True)
+
+
+def run(layers: dict, out: Path) -> dict:
+    print(f"  {out.name} ...", file=sys.stderr, flush=True)
+    return api.run(build_config(load_preset("quickstart"), layers, {"out": str(out)}), overwrite=True, reporter=Quiet())
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--teacher", default="resnet32")
+    parser.add_argument("--student", default="resnet8")
+    parser.add_argument("--data", default="digits")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--ref-workers", type=int, default=0, help="DataLoader workers of the reference data path")
+    parser.add_argument("--tiny", action="store_true", help="seconds-long run on tiny synthetic data (tests)")
+    parser.add_argument("--out", default="runs/bench-fast-vs-ref", help="folder for the runs and results.json")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        for key, value in TINY.items():
+            setattr(args, key, value)
+    root = Path(args.out)
+    os.environ.setdefault("KD_HOME", str(root / "kd_home"))  # keep the trained teacher out of the user's store
+    command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
+    print(command, file=sys.stderr)
+    started = time.time()
+    common = {"data": args.data, "epochs": args.epochs, "device": args.device}
+    print(f"teacher {args.teacher}:", file=sys.stderr)
+    teacher = run({**common, "command": "train", "student": args.teacher, "method": "none"}, root / "teacher")
+    modes = {
+        "fast": {"precision": "bf16", "channels_last": True},
+        "reference": {"precision": "fp32", "channels_last": False},
+    }
+    top1: dict[str, list[float]] = {mode: [] for mode in modes}
+    seconds: dict[str, float] = {mode: 0.0 for mode in modes}
+    seeds = [int(s) for s in args.seeds.split(",")]
+    for seed in seeds:
+        for mode, settings in modes.items():
+            layers = {**common, **settings, "command": "distill", "teacher": teacher["weights"],
+                      "student": args.student, "method": "kd", "seed": seed}
+            path = reference_data_path(args.ref_workers) if mode == "reference" else contextlib.nullcontext()
+            with path:
+                summary = run(layers, root / f"{mode}-seed{seed}")
+            top1[mode].append(summary["top1"])
+            seconds[mode] += summary["time_s"]
+    stats = {mode: mean_std(values) for mode, values in top1.items()}
+    difference = stats["fast"][0] - stats["reference"][0]
+    pooled = math.sqrt((stats["fast"][1] ** 2 + stats["reference"][1] ** 2) / 2)
+    report = {
+        "command": command,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": device_info(api.resolve_device(args.device)),
+        "settings": {"data": args.data, "epochs": args.epochs, "seeds": seeds, "teacher": args.teacher,
+                     "student": args.student, "method": "kd", "ref_workers": args.ref_workers},
+        "teacher_top1": teacher["top1"],
+        "difference": difference,
+        "tolerance": 2 * pooled,
+        "within_noise": abs(difference) <= 2 * pooled,
+        "wall_s": time.time() - started,
+    }
+    for mode, settings in modes.items():
+        report[mode] = {**settings, "loader": "TensorLoader" if mode == "fast" else "DataLoader+PIL",
+                        "top1": top1[mode], "mean": stats[mode][0], "std": stats[mode][1], "train_time_s": seconds[mode]}
+    (root / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\n{command}\n")
+    print(f"{args.teacher} -> {args.student}, kd, {args.data}, {args.epochs} epochs, seeds {args.seeds}; "
+          f"teacher top-1 {teacher['top1']:.2f}; {report['machine']}; {report['wall_s']:.0f} s in all\n")
+    print("| mode | precision | data path | top-1 per seed | mean ± std | train time (s) |")
+    print("|---|---|---|---|---|---|")
+    for mode in modes:
+        r = report[mode]
+        per_seed = ", ".join(f"{v:.2f}" for v in r["top1"])
+        print(f"| {mode} | {r['precision']}{', channels_last' if r['channels_last'] else ''} | {r['loader']} | "
+              f"{per_seed} | {r['mean']:.2f} ± {r['std']:.2f} | {r['train_time_s']:.0f} |")
+    verdict = "within" if report["within_noise"] else "NOT within"
+    print(f"\ndifference fast - reference: {difference:+.2f} points, {verdict} 2 pooled std ({2 * pooled:.2f})")
+    print(f"results: {root / 'results.json'}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

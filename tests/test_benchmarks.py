@@ -1,0 +1,55 @@
+"""The benchmark scripts run end to end in their tiny modes and write the JSON they document.
+
+No timing is asserted: these only keep the scripts working as the library changes.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def run_script(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / name), *args], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def test_throughput_quick_writes_every_configuration(tmp_path):
+    out = tmp_path / "results.json"
+    result = run_script("throughput.py", "--quick", "--device", "cpu", "--out", str(out), cwd=tmp_path)
+    report = json.loads(out.read_text())
+    assert {"command", "date", "machine", "load_avg_before", "load_avg_after", "settings", "results"} <= set(report)
+    assert {"device", "cpu", "cores", "torch"} <= set(report["machine"])
+    windows = report["settings"]["windows"]
+    assert {(r["method"], r["batch_size"]) for r in report["results"]} == {("kd", 16), ("crd", 16)}
+    for r in report["results"]:
+        assert {"teacher", "student"} <= set(r)
+        for variant in ("reference", "kd", "kd_fp32"):
+            assert r[variant]["images_per_s"] > 0
+            assert len(r[variant]["windows"]) == windows
+            assert r[variant]["precision"] in ("fp32", "bf16")
+        assert r["reference"]["precision"] == "fp32" and r["kd_fp32"]["precision"] == "fp32"
+        assert r["ratio_kd"] > 0 and r["ratio_kd_fp32"] > 0
+    assert "reference img/s" in result.stdout  # the markdown table
+
+
+def test_fast_vs_reference_tiny_reports_both_modes(tmp_path):
+    out = tmp_path / "fast-vs-ref"
+    result = run_script("fast_vs_reference_digits.py", "--tiny", "--device", "cpu", "--out", str(out), cwd=tmp_path)
+    report = json.loads((out / "results.json").read_text())
+    seeds = report["settings"]["seeds"]
+    assert report["fast"]["precision"] == "bf16" and report["reference"]["precision"] == "fp32"
+    assert report["fast"]["loader"] == "TensorLoader" and report["reference"]["loader"] == "DataLoader+PIL"
+    for mode in ("fast", "reference"):
+        assert len(report[mode]["top1"]) == len(seeds)
+        assert all(0.0 <= v <= 100.0 for v in report[mode]["top1"])
+        assert {"mean", "std"} <= set(report[mode])
+    assert isinstance(report["within_noise"], bool) and report["tolerance"] >= 0
+    assert report["command"] in result.stdout
