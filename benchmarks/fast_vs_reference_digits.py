@@ -1,6 +1,6 @@
 """Does kd's fast mode change results? bf16 + device loader vs fp32 + a RepDistiller-style PIL pipeline.
 
-    .venv/bin/python benchmarks/fast_vs_reference_digits.py --epochs 8 --seeds 0,1,2 --out runs/bench-fast-vs-ref
+    .venv/bin/python benchmarks/fast_vs_reference_digits.py --epochs 15 --seeds 0,1,2 --out runs/bench-fast-vs-ref
 
 On the bundled digits (offline), a teacher is trained once, then for every seed the student is
 distilled twice with `kd distill --method kd` (quickstart preset otherwise):
@@ -11,9 +11,14 @@ distilled twice with `kd distill --method kd` (quickstart preset otherwise):
   a torch DataLoader over PIL images with RandomCrop(32, 4) + RandomHorizontalFlip + ToTensor +
   Normalize (swapped in for kd's train loader; evaluation is the same for both).
 
-Reported: last-epoch top-1 per seed, mean ± std (sample std) of each mode, and whether the difference
-of the means is within 2 pooled std (sqrt((std_fast^2 + std_ref^2) / 2)). A benchmark, not a test:
-seeds differ in initialisation, order and augmentation, so only "within noise" is meaningful.
+`--modes fast,fast_fp32,reference` adds `fast_fp32`: kd's data path and channels_last in fp32, which
+separates the effect of bf16 from that of the data path.
+
+Reported: last-epoch top-1 per seed, mean ± std (sample std) of each mode, whether the difference of
+the means is within 2 pooled std (sqrt((std_fast^2 + std_ref^2) / 2)), and the per-seed (paired)
+difference to the reference, mean ± std: runs of one seed start from the same weights, so a
+difference with the same sign on every seed is a systematic effect even when it is within 2 std.
+A benchmark, not a test. Finished runs with the same config in `--out` are reused.
 `--tiny` runs a seconds-long version on small synthetic data (for the test suite).
 """
 
@@ -38,7 +43,7 @@ from torch.utils.data import DataLoader
 
 from kdcli import api
 from kdcli.batch import Batch
-from kdcli.config import build_config, load_preset
+from kdcli.config import build_config, load_preset, to_toml
 from kdcli.data.loaders import epoch_seed
 from kdcli.data.registry import DataBundle, InMemorySplit
 from reference import ReferenceInstance, hwc_arrays, reference_transform
@@ -104,9 +109,21 @@ class Quiet:
         print(f"    epoch {m['epoch']}: val top-1 {m['val_top1']:.2f} ({m['epoch_time_s']:.1f} s)", file=sys.stderr, flush=True)
 
 
+MODES = {
+    "fast": {"precision": "bf16", "channels_last": True, "loader": "TensorLoader"},
+    "fast_fp32": {"precision": "fp32", "channels_last": True, "loader": "TensorLoader"},
+    "reference": {"precision": "fp32", "channels_last": False, "loader": "DataLoader+PIL"},
+}
+
+
 def run(layers: dict, out: Path) -> dict:
+    """api.run with the quickstart preset under `layers`; a finished run with the same config.toml is reused."""
+    config = build_config(load_preset("quickstart"), layers, {"out": str(out)})
+    if (out / "summary.json").is_file() and (out / "config.toml").is_file() and (out / "config.toml").read_text() == to_toml(config):
+        print(f"  {out.name}: reused", file=sys.stderr, flush=True)
+        return json.loads((out / "summary.json").read_text())
     print(f"  {out.name} ...", file=sys.stderr, flush=True)
-    return api.run(build_config(load_preset("quickstart"), layers, {"out": str(out)}), overwrite=True, reporter=Quiet())
+    return api.run(config, overwrite=True, reporter=Quiet())
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -115,8 +132,10 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--modes", default="fast,reference",
+                        help="fast and reference, optionally fast_fp32 (TensorLoader + channels_last in fp32)")
     parser.add_argument("--teacher", default="resnet32")
     parser.add_argument("--student", default="resnet8")
     parser.add_argument("--data", default="digits")
@@ -128,6 +147,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.tiny:
         for key, value in TINY.items():
             setattr(args, key, value)
+    modes = args.modes.split(",")
+    if not {"fast", "reference"} <= set(modes) or not set(modes) <= set(MODES):
+        parser.error(f"--modes must include fast and reference, from {', '.join(MODES)}")
     root = Path(args.out)
     os.environ.setdefault("KD_HOME", str(root / "kd_home"))  # keep the trained teacher out of the user's store
     command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
@@ -136,19 +158,16 @@ def main(argv: list[str] | None = None) -> dict:
     common = {"data": args.data, "epochs": args.epochs, "device": args.device}
     print(f"teacher {args.teacher}:", file=sys.stderr)
     teacher = run({**common, "command": "train", "student": args.teacher, "method": "none"}, root / "teacher")
-    modes = {
-        "fast": {"precision": "bf16", "channels_last": True},
-        "reference": {"precision": "fp32", "channels_last": False},
-    }
     top1: dict[str, list[float]] = {mode: [] for mode in modes}
     seconds: dict[str, float] = {mode: 0.0 for mode in modes}
     seeds = [int(s) for s in args.seeds.split(",")]
     for seed in seeds:
-        for mode, settings in modes.items():
+        for mode in modes:
+            settings = {k: v for k, v in MODES[mode].items() if k != "loader"}
             layers = {**common, **settings, "command": "distill", "teacher": teacher["weights"],
                       "student": args.student, "method": "kd", "seed": seed}
-            path = reference_data_path(args.ref_workers) if mode == "reference" else contextlib.nullcontext()
-            with path:
+            data_path = reference_data_path(args.ref_workers) if mode == "reference" else contextlib.nullcontext()
+            with data_path:
                 summary = run(layers, root / f"{mode}-seed{seed}")
             top1[mode].append(summary["top1"])
             seconds[mode] += summary["time_s"]
@@ -167,20 +186,26 @@ def main(argv: list[str] | None = None) -> dict:
         "within_noise": abs(difference) <= 2 * pooled,
         "wall_s": time.time() - started,
     }
-    for mode, settings in modes.items():
-        report[mode] = {**settings, "loader": "TensorLoader" if mode == "fast" else "DataLoader+PIL",
-                        "top1": top1[mode], "mean": stats[mode][0], "std": stats[mode][1], "train_time_s": seconds[mode]}
+    for mode in modes:
+        paired = [a - b for a, b in zip(top1[mode], top1["reference"])]
+        report[mode] = {**MODES[mode], "top1": top1[mode], "mean": stats[mode][0], "std": stats[mode][1],
+                        "train_time_s": seconds[mode]}
+        if mode != "reference":
+            # Same seed: same initial weights, so the per-seed difference is the sharper test.
+            report[mode]["paired_difference"] = dict(zip(("mean", "std"), mean_std(paired)), per_seed=paired)
     (root / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"\n{command}\n")
     print(f"{args.teacher} -> {args.student}, kd, {args.data}, {args.epochs} epochs, seeds {args.seeds}; "
           f"teacher top-1 {teacher['top1']:.2f}; {report['machine']}; {report['wall_s']:.0f} s in all\n")
-    print("| mode | precision | data path | top-1 per seed | mean ± std | train time (s) |")
-    print("|---|---|---|---|---|---|")
+    print("| mode | precision | data path | top-1 per seed | mean ± std | minus reference, per seed (mean ± std) | train time (s) |")
+    print("|---|---|---|---|---|---|---|")
     for mode in modes:
         r = report[mode]
         per_seed = ", ".join(f"{v:.2f}" for v in r["top1"])
+        paired = r.get("paired_difference")
+        paired_text = f"{paired['mean']:+.2f} ± {paired['std']:.2f}" if paired else ""
         print(f"| {mode} | {r['precision']}{', channels_last' if r['channels_last'] else ''} | {r['loader']} | "
-              f"{per_seed} | {r['mean']:.2f} ± {r['std']:.2f} | {r['train_time_s']:.0f} |")
+              f"{per_seed} | {r['mean']:.2f} ± {r['std']:.2f} | {paired_text} | {r['train_time_s']:.0f} |")
     verdict = "within" if report["within_noise"] else "NOT within"
     print(f"\ndifference fast - reference: {difference:+.2f} points, {verdict} 2 pooled std ({2 * pooled:.2f})")
     print(f"results: {root / 'results.json'}")

@@ -51,5 +51,6 @@ def test_fast_vs_reference_tiny_reports_both_modes(tmp_path):
         assert len(report[mode]["top1"]) == len(seeds)
         assert all(0.0 <= v <= 100.0 for v in report[mode]["top1"])
         assert {"mean", "std"} <= set(report[mode])
+    assert len(report["fast"]["paired_difference"]["per_seed"]) == len(seeds)
     assert isinstance(report["within_noise"], bool) and report["tolerance"] >= 0
     assert report["command"] in result.stdout
