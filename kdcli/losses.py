@@ -23,7 +23,7 @@ _Loss = TypeVar("_Loss", bound=Callable[..., Tensor])
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def _full_precision(fn: _Loss) -> _Loss:
+def full_precision(fn: _Loss) -> _Loss:
     """Run `fn` outside autocast, with fp16/bf16 tensor arguments promoted to float32."""
 
     def promote(value):
@@ -61,7 +61,7 @@ def _kl_rows(log_q: Tensor, p: Tensor) -> Tensor:
     return F.kl_div(log_q, p, reduction="none").sum(dim=1)
 
 
-@_full_precision
+@full_precision
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float | Tensor) -> Tensor:
     """Hinton's KD: KL(softmax(t/T) || softmax(s/T)) summed over classes, batch mean, times T^2.
 
@@ -79,7 +79,7 @@ def _row_normalized_gram(feature: Tensor) -> Tensor:
     return F.normalize(flat @ flat.t(), p=2, dim=1, eps=1e-12)
 
 
-@_full_precision
+@full_precision
 def sp_loss(student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
     """Similarity-preserving KD (Tung & Mori) for one layer pair; a scalar.
 
@@ -99,7 +99,7 @@ def _attention_map(feature: Tensor, p: float) -> Tensor:
     return F.normalize(energy, p=2, dim=1, eps=1e-12)
 
 
-@_full_precision
+@full_precision
 def at_loss(student_feature: Tensor, teacher_feature: Tensor, p: float = 2) -> Tensor:
     """Attention transfer (Zagoruyko & Komodakis) for one stage pair [B, C, H, W]; a scalar.
 
@@ -139,7 +139,7 @@ def _angles(diff: Tensor) -> Tensor:
     return torch.bmm(unit, unit.transpose(1, 2)).reshape(-1)
 
 
-@_full_precision
+@full_precision
 def rkd_loss(
     student_embedding: Tensor,
     teacher_embedding: Tensor,
@@ -172,7 +172,7 @@ def _cosine_conditional(embedding: Tensor) -> Tensor:
     return kernel / kernel.sum(dim=1, keepdim=True)
 
 
-@_full_precision
+@full_precision
 def pkt_loss(student_embedding: Tensor, teacher_embedding: Tensor) -> Tensor:
     """Probabilistic knowledge transfer (Passalis & Tefas): KL of cosine-kernel conditionals.
 
@@ -184,7 +184,7 @@ def pkt_loss(student_embedding: Tensor, teacher_embedding: Tensor) -> Tensor:
     return (p_t * torch.log((p_t + _PKT_EPS) / (p_s + _PKT_EPS))).mean()
 
 
-@_full_precision
+@full_precision
 def hint_loss(student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
     """FitNet hint loss: mean squared error over all elements (nn.MSELoss default).
 
@@ -207,7 +207,7 @@ def _target_and_rest(probs: Tensor, is_target: Tensor) -> Tensor:
     )
 
 
-@_full_precision
+@full_precision
 def dkd_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -240,7 +240,7 @@ def dkd_loss(
     return _batch_mean_times_t2(alpha * tckd + beta * nckd, temperature)
 
 
-@_full_precision
+@full_precision
 def standardize_logits(logits: Tensor, eps: float = 1e-7) -> Tensor:
     """Logit standardisation (Sun et al.): per-sample Z-score over the class (last) dim.
 
@@ -263,7 +263,7 @@ def mlld_temperatures(temperature: float = 4.0) -> tuple[float, ...]:
     return (float(temperature), *MLLD_TEMPERATURES[1:])
 
 
-@_full_precision
+@full_precision
 def mlld_instance_loss(
     student_logits: Tensor, teacher_logits: Tensor, temperatures: Sequence[float] = MLLD_TEMPERATURES
 ) -> Tensor:
@@ -280,7 +280,7 @@ def _gram_gap(student_logits: Tensor, teacher_logits: Tensor, temperature: float
     return (p_t @ p_t.t() - p_s @ p_s.t()).pow(2).sum()
 
 
-@_full_precision
+@full_precision
 def mlld_batch_loss(
     student_logits: Tensor, teacher_logits: Tensor, temperatures: Sequence[float] = MLLD_TEMPERATURES
 ) -> Tensor:
@@ -289,7 +289,7 @@ def mlld_batch_loss(
     return sum(_gram_gap(student_logits, teacher_logits, t, classes=False) for t in temperatures) / batch
 
 
-@_full_precision
+@full_precision
 def mlld_class_loss(
     student_logits: Tensor, teacher_logits: Tensor, temperatures: Sequence[float] = MLLD_TEMPERATURES
 ) -> Tensor:
@@ -298,7 +298,7 @@ def mlld_class_loss(
     return sum(_gram_gap(student_logits, teacher_logits, t, classes=True) for t in temperatures) / classes
 
 
-@_full_precision
+@full_precision
 def mlld_mask_fractions(teacher_logits_weak: Tensor) -> tuple[Tensor, Tensor]:
     """Fractions of True entries in the released code's confidence masks (no grad), as 0-dim tensors.
 
@@ -314,7 +314,7 @@ def mlld_mask_fractions(teacher_logits_weak: Tensor) -> tuple[Tensor, Tensor]:
     return fractions[0], fractions[1]
 
 
-@_full_precision
+@full_precision
 def mlld_loss_terms(
     student_weak: Tensor,
     teacher_weak: Tensor,

@@ -17,7 +17,9 @@ from kdcli.engine.checkpoint import load_state, rng_state, save_state, set_rng_s
 from kdcli.errors import KdError
 from kdcli.methods import Shapes, method_class
 from kdcli.methods import memory as memory_module
+from kdcli.methods import crd as crd_module
 from kdcli.methods.crcd import crcd_objective, relation_rows_per_block, teacher_gradient
+from kdcli.methods.crd import crd_objective
 from kdcli.methods.memory import ContrastMemory, NegativeSampler, nce_loss
 from kdcli.models.features import Outputs
 
@@ -100,6 +102,30 @@ def test_z_is_set_once_from_the_first_batch_and_then_frozen():
     assert memory.constant(0, out.mean).item() == pytest.approx(5.0 * 50)
     assert memory.constant(0, lambda: torch.tensor(100.0)).item() == pytest.approx(250.0)
     assert memory.z[1] < 0  # the other side is independent
+
+
+def test_z_is_read_from_the_device_once_not_every_step(monkeypatch):
+    memory = ContrastMemory(50, 4, 0.5)
+    memory.constant(0, lambda: torch.tensor(2.0))
+    memory.constant(1, lambda: torch.tensor(3.0))
+
+    def no_host_read(*args):
+        raise AssertionError("constant() read a device value after Z was estimated")
+
+    for name in ("__bool__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, no_host_read)
+    for _ in range(3):
+        memory.constant(0, no_host_read), memory.constant(1, no_host_read)
+
+
+def test_z_follows_a_loaded_state():
+    estimated = ContrastMemory(50, 4, 0.5)
+    estimated.constant(0, lambda: torch.tensor(2.0))
+    fresh = ContrastMemory(50, 4, 0.5)
+    assert fresh.constant(1, lambda: torch.tensor(3.0)).item() == pytest.approx(150.0)
+    fresh.load_state_dict(estimated.state_dict())  # side 0 known, side 1 not
+    assert fresh.constant(0, lambda: torch.tensor(99.0)).item() == pytest.approx(100.0)
+    assert fresh.constant(1, lambda: torch.tensor(4.0)).item() == pytest.approx(200.0)
 
 
 # ---- sampler -------------------------------------------------------------------------------------
@@ -216,6 +242,40 @@ def test_crd_term_equals_the_hand_computation_and_updates_the_banks():
     np.testing.assert_allclose(method.memory.teacher[[0, 2]].double().numpy(), _normalize(0.5 * mem_t[[0, 2]] + 0.5 * v_t), rtol=1e-5)
 
 
+def test_crd_scores_the_same_through_the_whole_bank_and_through_gathered_rows(monkeypatch):
+    """Two ways to the [B, K+1] scores (one matmul over the bank, or index_select of the rows): same loss and gradients."""
+    results = []
+    for ratio in (10**9, 0):  # always the whole bank; always gathered rows
+        monkeypatch.setattr(crd_module, "WHOLE_BANK_RATIO", ratio)
+        torch.manual_seed(0)
+        memory = ContrastMemory(30, 6, 0.5)
+        v_s = F.normalize(torch.randn(4, 6, dtype=torch.float64), dim=1).float().requires_grad_()
+        v_t = F.normalize(torch.randn(4, 6, dtype=torch.float64), dim=1).float().requires_grad_()
+        index = torch.tensor([3, 8, 20, 27])
+        contrast = torch.cat([index[:, None], torch.randint(0, 30, (4, 9))], dim=1)
+        contrast[0, 1:3] = 5  # a negative drawn twice: its gradient counts twice
+        loss = crd_objective(memory, v_s, v_t, contrast, 0.07)
+        memory.update(index, v_s, v_t)  # the banks change before backward, as in a training step
+        loss.backward()
+        results.append((loss.item(), v_s.grad, v_t.grad))
+    (l1, gs1, gt1), (l2, gs2, gt2) = results
+    assert l1 == pytest.approx(l2, rel=1e-6)
+    assert torch.allclose(gs1, gs2, rtol=1e-5, atol=1e-7) and torch.allclose(gt1, gt2, rtol=1e-5, atol=1e-7)
+    assert gs1.abs().sum() > 0 and gt1.abs().sum() > 0
+
+
+def test_contrast_scores_are_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    bank = F.normalize(torch.randn(20, 8), dim=1)
+    anchor = F.normalize(torch.randn(3, 8), dim=1).bfloat16()
+    contrast = torch.randint(0, 20, (3, 5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = crd_module.contrast_scores(anchor, bank, contrast, 0.07)
+    expected = torch.exp(torch.einsum("bkd,bd->bk", bank[contrast].double(), anchor.double()) / 0.07)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out.double(), expected, rtol=1e-5)
+
+
 def test_crd_defaults_are_the_papers():
     cls = method_class("crd")
     assert cls.defaults == {"ce": 1.0, "kd": 0.0, "T": 4.0, "beta": 0.8, "dim": 128, "K": 16384, "tau": 0.07,
@@ -260,6 +320,18 @@ def test_crcd_relation_loss_equals_the_materialised_reference(dtype, rel):
     z_s, z_t = out_s.mean() * 12, out_t.mean() * 12
     assert memory.z.tolist() == pytest.approx([z_s, z_t], rel=rel)
     assert loss.item() == pytest.approx(_nce(out_s, z_s, 12) + _nce(out_t, z_t, 12), rel=rel)
+
+
+def test_crcd_relation_loss_is_computed_in_fp32_under_bf16_autocast():
+    """bf16 embeddings in, autocast on: the same result as fp32 arithmetic on those (exactly representable) values."""
+    memory, index, contrast, v_s, v_t = _relation_case(torch.float32)
+    v_s, v_t = v_s.detach().bfloat16(), v_t.detach().bfloat16()
+    expected = crcd_objective(memory, v_s.float(), v_t.float(), index, contrast, 0.05, budget=1 << 22).item()
+    memory, index, contrast, _, _ = _relation_case(torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = crcd_objective(memory, v_s, v_t, index, contrast, 0.05, budget=1 << 22)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_crcd_blocks_give_the_same_loss_and_gradients_as_one_pass():

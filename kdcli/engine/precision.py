@@ -35,7 +35,12 @@ def resolve_precision(name: str, device: torch.device) -> str:
 
 
 def autocast(device: torch.device, precision: str):
-    """The forward-pass context: bf16 autocast, or nothing for fp32. Losses compute in fp32 inside."""
+    """The step's context: bf16 autocast, or nothing for fp32.
+
+    Only the networks and heads run in bf16: every loss (`kdcli.losses`, the contrastive
+    objectives, ITKD's agent) switches autocast off and promotes its inputs to fp32, and
+    cross-entropy is fp32 by autocast's own policy on CPU and CUDA alike.
+    """
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

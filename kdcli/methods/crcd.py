@@ -11,11 +11,11 @@ from torch.utils.checkpoint import checkpoint
 
 from kdcli.batch import Batch
 from kdcli.errors import KdError
-from kdcli.losses import kd_loss
+from kdcli.losses import full_precision, kd_loss
 from kdcli.methods.base import Method, Needs, Shapes, register
 from kdcli.methods.crd import check_contrast_options, crd_objective
 from kdcli.methods.heads import Embed
-from kdcli.methods.memory import ContrastMemory, NegativeSampler, nce_loss
+from kdcli.methods.memory import ContrastMemory, NegativeSampler, gather_rows, nce_loss
 from kdcli.models.features import Outputs
 
 REL_EPS = 1e-6  # the reference adds it to every anchor-to-sample difference before normalising
@@ -79,7 +79,7 @@ def relation_nce(
     """
     bank = memory.teacher if side == 0 else memory.student
     batch, k1 = contrast.shape
-    anchors, rows = bank[index], bank[contrast]
+    anchors, rows = gather_rows(bank, index), gather_rows(bank, contrast)
     step = relation_rows_per_block(batch, k1, budget)
     starts = range(0, batch, step)
 
@@ -105,10 +105,13 @@ def relation_nce(
     return total / (batch * batch)
 
 
+@full_precision
 def crcd_objective(
     memory: ContrastMemory, v_s: Tensor, v_t: Tensor, index: Tensor, contrast: Tensor, tau: float, budget: int
 ) -> Tensor:
-    """L_rel = L_nce(P_s) + L_nce(P_t) over anchor-based relations (crcd.md); memory read before update."""
+    """L_rel = L_nce(P_s) + L_nce(P_t) over anchor-based relations (crcd.md); memory read before update.
+
+    In fp32 outside autocast, like every loss: tau = 0.07 magnifies bf16 rounding of the relations."""
     return relation_nce(memory, 0, v_s, index, contrast, tau, budget) + relation_nce(memory, 1, v_t, index, contrast, tau, budget)
 
 

@@ -33,6 +33,11 @@ NCE_EPS = 1e-7  # the reference's eps inside the NCE log-ratios
 SAMPLER_BLOCK = 1 << 24
 
 
+def gather_rows(bank: Tensor, index: Tensor) -> Tensor:
+    """`bank[index]` as a copy [*index.shape, d]; index_select is several times faster than advanced indexing."""
+    return bank.index_select(0, index.reshape(-1)).view(*index.shape, bank.shape[1])
+
+
 class ContrastMemory(nn.Module):
     """Two banks `student`, `teacher` [N, dim], and the NCE constants `z` = (Z_s, Z_t).
 
@@ -52,6 +57,7 @@ class ContrastMemory(nn.Module):
         self.register_buffer("student", banks[0])
         self.register_buffer("teacher", banks[1])
         self.register_buffer("z", torch.full((2,), -1.0))  # negative: not estimated yet
+        self._estimated: list[bool] | None = None  # host copy of `z >= 0`, so steps need not read z
 
     @torch.no_grad()
     def update(self, index: Tensor, student_emb: Tensor, teacher_emb: Tensor) -> None:
@@ -71,11 +77,18 @@ class ContrastMemory(nn.Module):
         On the first call `Z = mean(out) * N` of that batch's scores (`first_mean()` is only
         evaluated then), after which it stays frozen, checkpointed with the banks.
         """
-        if self.z[side] < 0:
+        if self._estimated is None:  # once after construction or loading: a single device read
+            self._estimated = (self.z >= 0).tolist()
+        if not self._estimated[side]:
             with torch.no_grad():
                 mean = all_reduce_sum(first_mean().detach().reshape(1)) / world_size()
                 self.z[side] = mean[0] * self.num_samples
+            self._estimated[side] = True
         return self.z[side].clone()  # not a view: writing the other side's Z must not touch saved tensors
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._estimated = None  # z may have changed: read it again on the next call
 
 
 class NegativeSampler(nn.Module):

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from kdcli.batch import Batch
 from kdcli.errors import KdError
-from kdcli.losses import _full_precision
+from kdcli.losses import full_precision
 from kdcli.methods.base import Method, Needs, Shapes, register
 from kdcli.methods.heads import Embed
 from kdcli.models.features import Outputs
@@ -34,7 +34,7 @@ def _cosine_matrix(rows: Tensor, columns: Tensor) -> Tensor:
     return F.normalize(rows, dim=1, eps=1e-8) @ F.normalize(columns, dim=1, eps=1e-8).t()
 
 
-@_full_precision
+@full_precision
 def correlation_loss(student: Tensor, teacher: Tensor, batch_size: int, temperature: float = 0.5) -> Tensor:
     """Knowledge correlation: how each rotated view relates to the batch's plain views.
 
@@ -50,7 +50,7 @@ def correlation_loss(student: Tensor, teacher: Tensor, batch_size: int, temperat
     return F.kl_div(log_q, p, reduction="batchmean")
 
 
-@_full_precision
+@full_precision
 def supcon_loss(
     student: Tensor, teacher: Tensor, labels: Tensor, temperature: float = 0.07, base_temperature: float = 0.07
 ) -> Tensor:
@@ -74,7 +74,7 @@ def supcon_loss(
     return -(temperature / base_temperature) * mean_positive.mean()
 
 
-@_full_precision
+@full_precision
 def alignment_loss(prediction: Tensor, target: Tensor) -> Tensor:
     """BYOL-style alignment: 2 - 2 * mean cosine between each prediction and its target row."""
     cosine = (F.normalize(prediction, dim=1) * F.normalize(target, dim=1)).sum(dim=1)
