@@ -11,8 +11,9 @@ distilled twice with `kd distill --method kd` (quickstart preset otherwise):
   a torch DataLoader over PIL images with RandomCrop(32, 4) + RandomHorizontalFlip + ToTensor +
   Normalize (swapped in for kd's train loader; evaluation is the same for both).
 
-`--modes fast,fast_fp32,reference` adds `fast_fp32`: kd's data path and channels_last in fp32, which
-separates the effect of bf16 from that of the data path.
+`--modes` may add `fast_fp32`: kd's data path and channels_last in fp32, which separates the effect
+of bf16 from that of the data path; and `fast_bf16_head`: `fast` with the networks' final classifiers
+left in bf16 too (kd keeps them in fp32 under bf16 autocast; this shows what that buys).
 
 Reported: last-epoch top-1 per seed, mean ± std (sample std) of each mode, whether the difference of
 the means is within 2 pooled std (sqrt((std_fast^2 + std_ref^2) / 2)), and the per-seed (paired)
@@ -46,6 +47,7 @@ from kdcli.batch import Batch
 from kdcli.config import build_config, load_preset, to_toml
 from kdcli.data.loaders import epoch_seed
 from kdcli.data.registry import DataBundle, InMemorySplit
+from kdcli.engine import trainer as trainer_module
 from reference import ReferenceInstance, hwc_arrays, reference_transform
 from throughput import device_info
 
@@ -109,11 +111,20 @@ class Quiet:
         print(f"    epoch {m['epoch']}: val top-1 {m['val_top1']:.2f} ({m['epoch_time_s']:.1f} s)", file=sys.stderr, flush=True)
 
 
+@contextlib.contextmanager
+def bf16_classifiers():
+    """Make the trainer leave the final classifiers under autocast (bf16), as kd did before it kept them in fp32."""
+    with mock.patch.object(trainer_module, "classifier_in_fp32", lambda model: None):
+        yield
+
+
 MODES = {
     "fast": {"precision": "bf16", "channels_last": True, "loader": "TensorLoader"},
+    "fast_bf16_head": {"precision": "bf16", "channels_last": True, "loader": "TensorLoader", "classifier": "bf16"},
     "fast_fp32": {"precision": "fp32", "channels_last": True, "loader": "TensorLoader"},
     "reference": {"precision": "fp32", "channels_last": False, "loader": "DataLoader+PIL"},
 }
+MODE_CONTEXT = {"reference": reference_data_path, "fast_bf16_head": lambda workers: bf16_classifiers()}
 
 
 def run(layers: dict, out: Path) -> dict:
@@ -135,7 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--modes", default="fast,reference",
-                        help="fast and reference, optionally fast_fp32 (TensorLoader + channels_last in fp32)")
+                        help="fast and reference, optionally fast_fp32 (TensorLoader + channels_last in fp32) "
+                             "and fast_bf16_head (fast with bf16 classifiers)")
     parser.add_argument("--teacher", default="resnet32")
     parser.add_argument("--student", default="resnet8")
     parser.add_argument("--data", default="digits")
@@ -163,11 +175,10 @@ def main(argv: list[str] | None = None) -> dict:
     seeds = [int(s) for s in args.seeds.split(",")]
     for seed in seeds:
         for mode in modes:
-            settings = {k: v for k, v in MODES[mode].items() if k != "loader"}
+            settings = {k: MODES[mode][k] for k in ("precision", "channels_last")}
             layers = {**common, **settings, "command": "distill", "teacher": teacher["weights"],
                       "student": args.student, "method": "kd", "seed": seed}
-            data_path = reference_data_path(args.ref_workers) if mode == "reference" else contextlib.nullcontext()
-            with data_path:
+            with MODE_CONTEXT.get(mode, lambda workers: contextlib.nullcontext())(args.ref_workers):
                 summary = run(layers, root / f"{mode}-seed{seed}")
             top1[mode].append(summary["top1"])
             seconds[mode] += summary["time_s"]
@@ -204,7 +215,8 @@ def main(argv: list[str] | None = None) -> dict:
         per_seed = ", ".join(f"{v:.2f}" for v in r["top1"])
         paired = r.get("paired_difference")
         paired_text = f"{paired['mean']:+.2f} ± {paired['std']:.2f}" if paired else ""
-        print(f"| {mode} | {r['precision']}{', channels_last' if r['channels_last'] else ''} | {r['loader']} | "
+        head = ", bf16 classifiers" if r.get("classifier") == "bf16" else ""
+        print(f"| {mode} | {r['precision']}{', channels_last' if r['channels_last'] else ''}{head} | {r['loader']} | "
               f"{per_seed} | {r['mean']:.2f} ± {r['std']:.2f} | {paired_text} | {r['train_time_s']:.0f} |")
     verdict = "within" if report["within_noise"] else "NOT within"
     print(f"\ndifference fast - reference: {difference:+.2f} points, {verdict} 2 pooled std ({2 * pooled:.2f})")

@@ -14,8 +14,8 @@ uint8 training images in memory, no download):
   negatives drawn with np.random.choice in the dataset's __getitem__), SGD(0.05, momentum 0.9,
   wd 5e-4), loss.item() and top-1/top-5 meters every step.
 - `kd`: the objects `kdcli.api.run` builds (device-resident TensorLoader with its batched
-  augmentation, the method, the Trainer) with the product defaults `--precision auto` and
-  channels_last; timed through `Trainer._train_epoch` itself (the epoch's last K batches, via the
+  augmentation, the method, the teacher with its BatchNorm folded into its convolutions, the
+  Trainer) with the product defaults `--precision auto` and channels_last; timed through `Trainer._train_epoch` itself (the epoch's last K batches, via the
   loader's resume offset), so the loop is exactly the one `kd distill` runs, without evaluation.
 - `kd_fp32`: the same with `--precision fp32` (channels_last kept).
 
@@ -56,6 +56,7 @@ from kdcli.engine.precision import resolve_precision
 from kdcli.engine.trainer import EpochSums, Schedule, Trainer
 from kdcli.methods import method_class
 from kdcli.models import create_model, default_lr
+from kdcli.models.fold import fold_batchnorm
 from reference import (
     CRDLoss, DistillKL, Meter, ReferenceInstance, ReferenceInstanceSample, accuracy, hwc_arrays, reference_transform,
 )
@@ -181,8 +182,9 @@ class KdRunner:
         memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         student_model.to(device, memory_format=memory_format)
         teacher_model.to(device, memory_format=memory_format)
-        method_obj = api.build_method(cls, config, student_model, teacher_model, next(iter(val_loader)),
-                                      bundle.train.labels).to(device)
+        sample = next(iter(val_loader))
+        method_obj = api.build_method(cls, config, student_model, teacher_model, sample, bundle.train.labels).to(device)
+        teacher_model, _ = fold_batchnorm(teacher_model, sample.x[:8], preact=cls.needs.preact)
         schedule = Schedule(epochs=1, lr=config.lr or default_lr(config.student), momentum=config.momentum,
                             weight_decay=config.weight_decay, milestones=config.milestone_epochs(),
                             lr_decay=config.lr_decay)

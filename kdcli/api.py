@@ -26,6 +26,7 @@ from kdcli.methods.base import resolve_hparams
 from kdcli.models import create_model, default_lr, list_models
 from kdcli.models.registry import pretrained_input
 from kdcli.models.features import classifier_of, forward_outputs
+from kdcli.models.fold import fold_batchnorm
 from kdcli.report import ConsoleReporter, SilentReporter
 from kdcli.store import find_teacher, register_teacher
 from kdcli.profiling import count_params, profile
@@ -71,7 +72,10 @@ def run(config: RunConfig, overwrite: bool = False, resume: bool = False, report
     student.to(device, memory_format=memory_format)
     if teacher is not None:
         teacher.to(device, memory_format=memory_format)
-    method = build_method(cls, config, student, teacher, next(iter(val_loader)), bundle.train.labels).to(device)
+    sample = next(iter(val_loader))
+    method = build_method(cls, config, student, teacher, sample, bundle.train.labels).to(device)
+    if teacher is not None:
+        teacher, _ = fold_batchnorm(teacher, sample.x[:8], preact=cls.needs.preact)
 
     run_dir = RunDir(config.out or distributed.broadcast_object(str(default_out(config))))
     config = replace(config, out=str(run_dir.path))

@@ -122,11 +122,12 @@ def distill_digits(digits_teacher, tmp_path):
     from kdcli import api
     from kdcli.config import build_config
 
-    def run(method: str, epochs: int = 3, student: str = "resnet8", lr: float = 0.05, **options) -> dict:
+    def run(method: str, epochs: int = 3, student: str = "resnet8", lr: float = 0.05, precision: str = "auto", **options) -> dict:
         return api.run(build_config({
             "command": "distill", "teacher": digits_teacher, "student": student, "method": method,
             "options": {k: str(v) for k, v in options.items()}, "data": "digits", "epochs": epochs,
-            "batch_size": 32, "lr": lr, "device": "cpu", "seed": 0, "out": str(tmp_path / f"{method}-run"),
+            "batch_size": 32, "lr": lr, "device": "cpu", "seed": 0, "precision": precision,
+            "out": str(tmp_path / f"{method}-run"),
         }), reporter=_Silent())
 
     return run

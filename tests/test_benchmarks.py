@@ -40,14 +40,16 @@ def test_throughput_quick_writes_every_configuration(tmp_path):
     assert "reference img/s" in result.stdout  # the markdown table
 
 
-def test_fast_vs_reference_tiny_reports_both_modes(tmp_path):
+def test_fast_vs_reference_tiny_reports_every_mode(tmp_path):
     out = tmp_path / "fast-vs-ref"
-    result = run_script("fast_vs_reference_digits.py", "--tiny", "--device", "cpu", "--out", str(out), cwd=tmp_path)
+    result = run_script("fast_vs_reference_digits.py", "--tiny", "--device", "cpu", "--out", str(out),
+                        "--modes", "fast,fast_bf16_head,reference", cwd=tmp_path)
     report = json.loads((out / "results.json").read_text())
     seeds = report["settings"]["seeds"]
     assert report["fast"]["precision"] == "bf16" and report["reference"]["precision"] == "fp32"
     assert report["fast"]["loader"] == "TensorLoader" and report["reference"]["loader"] == "DataLoader+PIL"
-    for mode in ("fast", "reference"):
+    assert report["fast_bf16_head"]["classifier"] == "bf16" and "bf16 classifiers" in result.stdout
+    for mode in ("fast", "fast_bf16_head", "reference"):
         assert len(report[mode]["top1"]) == len(seeds)
         assert all(0.0 <= v <= 100.0 for v in report[mode]["top1"])
         assert {"mean", "std"} <= set(report[mode])

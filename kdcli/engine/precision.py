@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
+from torch import Tensor, nn
 
 from kdcli.errors import KdError
+from kdcli.models.features import classifier_of
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -44,3 +47,30 @@ def autocast(device: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def classifier_in_fp32(model: nn.Module) -> None:
+    """Make `model`'s final Linear compute the logits in fp32 under autocast (a no-op without one).
+
+    Every loss reads the logits; made in bf16 they carry ~3 significant digits, and on digits that
+    cost the students ~0.8 top-1 points against fp32, which an fp32 classifier on both networks
+    recovers (benchmarks/README.md). The layer is a tiny part of the step. Weights, names and
+    state_dict stay those of the Linear: only the instance's class changes, to a subclass.
+    """
+    try:
+        head = classifier_of(model)
+    except KdError:
+        return
+    head.__class__ = _fp32_subclass(type(head))
+
+
+@functools.cache
+def _fp32_subclass(linear: type[nn.Linear]) -> type[nn.Linear]:
+    if getattr(linear, "fp32_under_autocast", False):
+        return linear
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return linear.forward(self, x.float())
+
+    return type(f"Fp32{linear.__name__}", (linear,), {"forward": forward, "fp32_under_autocast": True})

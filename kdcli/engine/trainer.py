@@ -31,7 +31,7 @@ from kdcli.batch import Batch
 from kdcli.engine import distributed
 from kdcli.engine.checkpoint import load_state, rng_state, save_state, set_rng_state
 from kdcli.engine.evaluate import Evaluation, evaluate
-from kdcli.engine.precision import autocast
+from kdcli.engine.precision import autocast, classifier_in_fp32
 from kdcli.engine.rundir import RunDir
 from kdcli.engine.schedule import multistep_lr
 from kdcli.engine.signals import StopRequest
@@ -156,6 +156,10 @@ class Trainer:
         self.fingerprint = fingerprint  # of config.toml: a resume must continue the same run
         self.resume_command = resume_command
         self.world = world
+        if precision == "bf16":
+            for model in (student, self.teacher):
+                if model is not None:
+                    classifier_in_fp32(model)
         # Compiled graphs run the forward passes; the plain modules own the weights that are saved.
         # Evaluation uses the unwrapped student: a DDP forward would wait for the other ranks.
         self.eval_fn = torch.compile(student) if compile else student

@@ -9,9 +9,10 @@ which fails at once when the host cannot be resolved.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -205,8 +206,15 @@ def _timm_model(arch: str, num_classes: int, pretrained: bool, kw: dict) -> nn.M
         overlay = _timm_weights_source(arch)
         if overlay:
             kw = {**kw, "pretrained_cfg_overlay": {**kw.get("pretrained_cfg_overlay", {}), **overlay}}
-    try:
+    with _creation_errors(name, pretrained):
         return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, **kw)
+
+
+@contextlib.contextmanager
+def _creation_errors(name: str, pretrained: bool) -> Iterator[None]:
+    """KdErrors for a timm/torchvision constructor: bad keyword options, or weights that failed to download."""
+    try:
+        yield
     except TypeError as err:
         raise _bad_options(name, err) from err
     except (OSError, RuntimeError) as err:
@@ -231,16 +239,10 @@ def _torchvision_model(arch: str, num_classes: int, pretrained: bool, kw: dict) 
 
     weights = _torchvision_weights(arch)
     name = f"tv:{arch}"
-    try:
+    with _creation_errors(name, pretrained):
         if not pretrained:
             return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kw)
         model = torchvision.models.get_model(arch, weights=weights, **kw)
-    except TypeError as err:
-        raise _bad_options(name, err) from err
-    except (OSError, RuntimeError) as err:
-        if pretrained:
-            raise _download_error(name, err) from err
-        raise
     if len(weights.meta.get("categories", ())) != num_classes:
         _replace_head(model, num_classes)
     return model
