@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -37,7 +39,9 @@ def test_throughput_quick_writes_every_configuration(tmp_path):
             assert r[variant]["precision"] in ("fp32", "bf16")
         assert r["reference"]["precision"] == "fp32" and r["kd_fp32"]["precision"] == "fp32"
         assert r["ratio_kd"] > 0 and r["ratio_kd_fp32"] > 0
-    assert "reference img/s" in result.stdout  # the markdown table
+        # 240 epochs x 50,000 images at the measured rate, in minutes
+        assert r["kd"]["projected_240_epochs_min"] == pytest.approx(240 * 50_000 / r["kd"]["images_per_s"] / 60)
+    assert "reference img/s" in result.stdout and "kd 240 ep (min)" in result.stdout  # the markdown table
 
 
 def test_fast_vs_reference_tiny_reports_every_mode(tmp_path):
