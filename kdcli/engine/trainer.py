@@ -1,7 +1,7 @@
 """The one fit loop behind `kd train` and `kd distill`.
 
 The loop knows methods only through the `Method` base class: per batch it runs the frozen teacher
-under no_grad, the student, asks the method for its weighted loss terms and minimises their sum with
+in inference mode, the student, asks the method for its weighted loss terms and minimises their sum with
 one optimizer over the student and the method's own trainable parameters. Evaluation, metrics,
 checkpoints and progress happen once per epoch. Losses are accumulated on the device and read back
 only every `log_every` steps, so the step itself never waits for the host.
@@ -110,6 +110,16 @@ def run_network(model: nn.Module, batch: Batch, needs: Needs) -> Outputs:
         torch.cat([plain.logits, views.logits]),
         [torch.cat(pair) for pair in zip(plain.features, views.features)],
         None if plain.embedding is None else torch.cat([plain.embedding, views.embedding]),
+    )
+
+
+def _as_normal_tensors(out: Outputs) -> Outputs:
+    """Copies of inference-mode outputs that autograd may save (a loss such as MSE against a teacher
+    feature keeps that tensor for backward, which an inference tensor cannot be)."""
+    return Outputs(
+        out.logits.clone(),
+        [f.clone() for f in out.features],
+        None if out.embedding is None else out.embedding.clone(),
     )
 
 
@@ -297,8 +307,9 @@ class Trainer:
         with autocast(self.device, self.precision):
             t_out = None
             if self.teacher is not None:
-                with torch.no_grad():
+                with torch.inference_mode():
                     t_out = run_network(self.teacher_fn, batch, needs)
+                t_out = _as_normal_tensors(t_out)
             s_out = run_network(self.student_fn, batch, needs)
             terms = self.method_fn(s_out, t_out, batch)
         loss = sum(terms.values())
