@@ -4,7 +4,7 @@ In eval mode BatchNorm is a per-channel affine map, so `bn(conv(x))` equals one 
 rescaled weights and a bias. The frozen teacher runs every training step, and dropping its BN
 passes saves a memory-bound pass per layer. Which conv feeds which BN is read from one traced
 forward pass (a BN whose input tensor is a conv's output), so no model needs to declare it; the
-folded model's outputs are then checked against the original's and the fold is undone if they
+folded copy's outputs are then checked against the original's, and the original is kept if they
 disagree (e.g. a conv output that something else also reads).
 """
 
