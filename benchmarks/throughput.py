@@ -50,13 +50,12 @@ from torch.utils.data import DataLoader
 
 from kdcli import api
 from kdcli.config import build_config
-from kdcli.data import build_data, make_loader
+from kdcli.data import build_data
 from kdcli.data.registry import DataBundle
 from kdcli.engine.precision import resolve_precision
-from kdcli.engine.trainer import EpochSums, Schedule, Trainer
+from kdcli.engine.trainer import EpochSums, Trainer
 from kdcli.methods import method_class
-from kdcli.models import create_model, default_lr
-from kdcli.models.fold import fold_batchnorm
+from kdcli.models import create_model
 from reference import (
     CRDLoss, DistillKL, Meter, ReferenceInstance, ReferenceInstanceSample, accuracy, hwc_arrays, reference_transform,
 )
@@ -175,20 +174,9 @@ class KdRunner:
         self.device = device
         torch.manual_seed(config.seed)
         teacher_model = create_model(teacher, num_classes=bundle.num_classes)
-        torch.manual_seed(config.seed)
-        student_model = create_model(config.student, num_classes=bundle.num_classes)
-        train_loader = make_loader(bundle.train, bundle, config.batch_size, True, device, config.seed,
-                                   config.workers, views=cls.needs.views)
-        val_loader = make_loader(bundle.val, bundle, config.eval_batch_size, False, device, config.seed, config.workers)
-        memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-        student_model.to(device, memory_format=memory_format)
-        teacher_model.to(device, memory_format=memory_format)
-        sample = next(iter(val_loader))
-        method_obj = api.build_method(cls, config, student_model, teacher_model, sample, bundle.train.labels).to(device)
-        teacher_model, _ = fold_batchnorm(teacher_model, sample.x[:8], preact=cls.needs.preact)
-        schedule = Schedule(epochs=1, lr=config.lr or default_lr(config.student), momentum=config.momentum,
-                            weight_decay=config.weight_decay, milestones=config.milestone_epochs(),
-                            lr_decay=config.lr_decay)
+        student_model, teacher_model, method_obj, train_loader, val_loader = api.build_training(
+            config, cls, bundle, teacher_model, device)
+        schedule = api.schedule_of(config)
         self.precision = resolve_precision(config.precision, device)
         self.channels_last = config.channels_last
         self.trainer = Trainer(student_model, teacher_model, method_obj, train_loader, val_loader, schedule,

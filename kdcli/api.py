@@ -57,25 +57,7 @@ def run(config: RunConfig, overwrite: bool = False, resume: bool = False, report
     if config.pretrained:
         bundle = with_pretrained_input(bundle, config.student, config.teacher if config.command == "distill" else None)
     teacher = load_teacher(config, bundle.num_classes) if config.command == "distill" and cls.needs.teacher else None
-    torch.manual_seed(config.seed)
-    student = create_model(config.student, num_classes=bundle.num_classes, pretrained=config.pretrained and is_external(config.student))
-    train_loader = make_loader(
-        bundle.train, bundle, distributed.check_batch(config.batch_size, world), True, device, config.seed,
-        config.workers, views=cls.needs.views, shard=(world.rank, world.size),
-    )
-    val_loader = make_loader(bundle.val, bundle, config.eval_batch_size, False, device, config.seed, config.workers)
-    if config.sync_bn and world.enabled:
-        if device.type != "cuda":
-            raise KdError("--sync-bn needs GPUs (PyTorch's SyncBatchNorm has no CPU kernel)", "drop --sync-bn for CPU runs")
-        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-    student.to(device, memory_format=memory_format)
-    if teacher is not None:
-        teacher.to(device, memory_format=memory_format)
-    sample = next(iter(val_loader))
-    method = build_method(cls, config, student, teacher, sample, bundle.train.labels).to(device)
-    if teacher is not None:
-        teacher, _ = fold_batchnorm(teacher, sample.x[:8], preact=cls.needs.preact)
+    student, teacher, method, train_loader, val_loader = build_training(config, cls, bundle, teacher, device, world)
 
     run_dir = RunDir(config.out or distributed.broadcast_object(str(default_out(config))))
     config = replace(config, out=str(run_dir.path))
@@ -98,19 +80,11 @@ def run(config: RunConfig, overwrite: bool = False, resume: bool = False, report
     def save_weights(path: Path, top1: float) -> None:
         save_model(path, student, top1=f"{top1:.4f}", **metadata)
 
-    schedule = Schedule(
-        epochs=config.epochs,
-        lr=config.lr or default_lr(config.student),
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-        milestones=config.milestone_epochs(),
-        lr_decay=config.lr_decay,
-    )
     title = f"{config.teacher} -> {config.student} [{config.method}]" if teacher else f"train {config.student}"
     if not world.is_main:
         reporter = SilentReporter()
     trainer = Trainer(
-        student, teacher, method, train_loader, val_loader, schedule, run_dir,
+        student, teacher, method, train_loader, val_loader, schedule_of(config), run_dir,
         reporter or ConsoleReporter(title), save_weights,
         device=device,
         precision=resolve_precision(config.precision, device),
@@ -169,6 +143,49 @@ def resume(run_path: str | Path, reporter=None) -> dict[str, Any]:
         raise KdError(f"{run_dir.path} is not a kd run folder (no config.toml)", "pass the --out folder of an earlier run")
     config = build_config(read_config_file(run_dir.config))
     return run(replace(config, out=str(run_dir.path)), resume=True, reporter=reporter)
+
+
+def build_training(
+    config: RunConfig, cls: type[Method], bundle: DataBundle, teacher: nn.Module | None, device: torch.device,
+    world: distributed.World = distributed.World(),
+) -> tuple[nn.Module, nn.Module | None, Method, Any, Any]:
+    """(student, teacher, method, train loader, val loader) on `device` for a run of `config`.
+
+    The student is created from `config.seed`; the (already loaded) teacher is moved to the device
+    and its BatchNorm folded into its convolutions; the method is built from one validation batch.
+    """
+    torch.manual_seed(config.seed)
+    student = create_model(config.student, num_classes=bundle.num_classes, pretrained=config.pretrained and is_external(config.student))
+    train_loader = make_loader(
+        bundle.train, bundle, distributed.check_batch(config.batch_size, world), True, device, config.seed,
+        config.workers, views=cls.needs.views, shard=(world.rank, world.size),
+    )
+    val_loader = make_loader(bundle.val, bundle, config.eval_batch_size, False, device, config.seed, config.workers)
+    if config.sync_bn and world.enabled:
+        if device.type != "cuda":
+            raise KdError("--sync-bn needs GPUs (PyTorch's SyncBatchNorm has no CPU kernel)", "drop --sync-bn for CPU runs")
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    student.to(device, memory_format=memory_format)
+    if teacher is not None:
+        teacher.to(device, memory_format=memory_format)
+    sample = next(iter(val_loader))
+    method = build_method(cls, config, student, teacher, sample, bundle.train.labels).to(device)
+    if teacher is not None:
+        teacher, _ = fold_batchnorm(teacher, sample.x[:8], preact=cls.needs.preact)
+    return student, teacher, method, train_loader, val_loader
+
+
+def schedule_of(config: RunConfig) -> Schedule:
+    """The lr schedule and SGD settings of `config`."""
+    return Schedule(
+        epochs=config.epochs,
+        lr=config.lr or default_lr(config.student),
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        milestones=config.milestone_epochs(),
+        lr_decay=config.lr_decay,
+    )
 
 
 def default_out(config: RunConfig) -> Path:
