@@ -19,10 +19,7 @@ from kdcli import api
 from kdcli.config import build_config, load_preset
 
 
-class Quiet:
-    def start(self, *args): ...
-    def step(self, *args): ...
-    def finish(self): ...
+class Quiet(SilentReporter):
     def epoch_end(self, m):
         print(f"  epoch {m['epoch']}: val {m['val_top1']:.2f}", flush=True)
 

@@ -48,6 +48,7 @@ from kdcli.config import build_config, load_preset, to_toml
 from kdcli.data.loaders import epoch_seed
 from kdcli.data.registry import DataBundle, InMemorySplit
 from kdcli.engine import trainer as trainer_module
+from kdcli.report import SilentReporter
 from reference import ReferenceInstance, hwc_arrays, reference_transform
 from throughput import device_info
 
@@ -101,12 +102,7 @@ def reference_data_path(workers: int):
         yield
 
 
-class Quiet:
-    def start(self, *args): ...
-    def step(self, *args): ...
-    def finish(self): ...
-    def note(self, *args): ...
-
+class Quiet(SilentReporter):
     def epoch_end(self, m):
         print(f"    epoch {m['epoch']}: val top-1 {m['val_top1']:.2f} ({m['epoch_time_s']:.1f} s)", file=sys.stderr, flush=True)
 

@@ -15,7 +15,7 @@ uint8 training images in memory, no download):
   wd 5e-4), loss.item() and top-1/top-5 meters every step.
 - `kd`: the objects `kdcli.api.run` builds (device-resident TensorLoader with its batched
   augmentation, the method, the teacher with its BatchNorm folded into its convolutions, the
-  Trainer) with the product defaults `--precision auto` and channels_last; timed through `Trainer._train_epoch` itself (the epoch's last K batches, via the
+  Trainer with both final classifiers in fp32 under bf16) with the product defaults `--precision auto` and channels_last; timed through `Trainer._train_epoch` itself (the epoch's last K batches, via the
   loader's resume offset), so the loop is exactly the one `kd distill` runs, without evaluation.
 - `kd_fp32`: the same with `--precision fp32` (channels_last kept).
 
@@ -56,6 +56,7 @@ from kdcli.engine.precision import resolve_precision
 from kdcli.engine.trainer import EpochSums, Trainer
 from kdcli.methods import method_class
 from kdcli.models import create_model
+from kdcli.report import SilentReporter
 from reference import (
     CRDLoss, DistillKL, Meter, ReferenceInstance, ReferenceInstanceSample, accuracy, hwc_arrays, reference_transform,
 )
@@ -150,14 +151,6 @@ class ReferenceRunner:
 # ---- kd: the objects api.run builds, timed through the trainer's own epoch loop ---------------------
 
 
-class NullReporter:
-    def start(self, *args): ...
-    def step(self, *args): ...
-    def epoch_end(self, *args): ...
-    def finish(self): ...
-    def note(self, *args): ...
-
-
 class KdRunner:
     """`kd distill` for one configuration and precision, built as kdcli.api.run builds it.
 
@@ -180,7 +173,7 @@ class KdRunner:
         self.precision = resolve_precision(config.precision, device)
         self.channels_last = config.channels_last
         self.trainer = Trainer(student_model, teacher_model, method_obj, train_loader, val_loader, schedule,
-                               run=None, reporter=NullReporter(), save_weights=None, device=device,
+                               run=None, reporter=SilentReporter(), save_weights=None, device=device,
                                precision=self.precision, compile=config.compile)
         self.num_batches = train_loader.num_batches
         self.epoch = 0

@@ -32,6 +32,11 @@ class Result:
     stderr: str
 
 
+def exit_code(exc: SystemExit) -> int:
+    """The process exit status a SystemExit stands for (None: 0, a message: 1)."""
+    return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+
+
 @pytest.fixture
 def kd(capsys, monkeypatch):
     """Run `kd ARGS...` in-process through kdcli.cli.main (error handling and exit codes included)."""
@@ -43,7 +48,7 @@ def kd(capsys, monkeypatch):
         try:
             main()
         except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            code = exit_code(exc)
         out, err = capsys.readouterr()
         return Result(code, out, err)
 

@@ -222,3 +222,14 @@ def test_pretrained_teacher_must_predict_the_datas_classes(kd):
     result = kd("distill", "--teacher", "tv:resnet18", "--student", "resnet8", "--data", TINY_DATA, "--device", "cpu")
     assert_clean_error(result, "no trained tv:resnet18")
     assert "--pretrained" in result.stderr
+
+
+def test_unknown_timm_weight_tag_and_non_classifier_tv_models_are_clean_errors(kd, tmp_path):
+    result = kd("train", "timm:resnet18.nosuchtag", "--pretrained", "--data", TINY_DATA, "--epochs", "1",
+                "--device", "cpu", "--out", str(tmp_path / "a"))
+    assert_clean_error(result, "timm:resnet18.nosuchtag", "Invalid pretrained tag")
+    assert "list_pretrained('resnet18*')" in result.stderr
+    for model in ("tv:fcn_resnet50", "tv:raft_small"):  # segmentation, optical flow: no classifier
+        result = kd("train", model, "--pretrained", "--data", TINY_DATA, "--epochs", "1", "--device", "cpu",
+                    "--out", str(tmp_path / "b"))
+        assert_clean_error(result, model.partition(":")[2])

@@ -98,6 +98,20 @@ def test_nothing_to_fold_in_preactivation_or_fused_norm_act_layers():
     assert fold_batchnorm(net, torch.randn(2, 3, 32, 32)) == (net, 0)
 
 
+def test_runs_train_with_the_folded_teacher():
+    from kdcli import api
+    from kdcli.config import build_config
+    from kdcli.data import build_data
+    from kdcli.methods import method_class
+
+    config = build_config({"command": "distill", "teacher": "resnet8", "student": "resnet8", "method": "kd",
+                           "data": "synthetic:classes=4,n=160,size=16", "device": "cpu"})
+    bundle = build_data(config.data)
+    teacher = _with_running_stats(create_model("resnet8", num_classes=4))
+    _, used, *_ = api.build_training(config, method_class("kd"), bundle, teacher, torch.device("cpu"))
+    assert _count(teacher, nn.BatchNorm2d) > 0 and _count(used, nn.BatchNorm2d) == 0
+
+
 def test_distillation_evaluates_the_folded_teacher_as_the_original(kd, digits_teacher, tmp_path):
     """api.run folds the teacher: its top-1 in the summary equals `kd eval` of the unfolded weights."""
     import json

@@ -6,17 +6,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.conftest import LEARNED_TOP1
-from kdcli.engine.precision import autocast, classifier_in_fp32, has_fast_bf16, resolve_precision
+from kdcli.engine import precision
+from kdcli.engine.precision import autocast, classifier_in_fp32, resolve_precision
 from kdcli.errors import KdError
 from kdcli.models import classifier_of, create_model
 
 CPU = torch.device("cpu")
 
 
-def test_resolve_precision():
+def test_resolve_precision(monkeypatch):
     assert resolve_precision("fp32", CPU) == "fp32"
     assert resolve_precision("bf16", CPU) == "bf16"
-    assert resolve_precision("auto", CPU) == ("bf16" if has_fast_bf16(CPU) else "fp32")
+    for fast, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(precision, "has_fast_bf16", lambda device: fast)
+        assert resolve_precision("auto", CPU) == expected
     with pytest.raises(KdError, match="--precision 'fp16' is invalid"):
         resolve_precision("fp16", CPU)
 

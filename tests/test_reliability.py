@@ -30,7 +30,7 @@ from kdcli.engine.checkpoint import load_state, save_state
 from kdcli.methods.base import _REGISTRY, Method, Needs, register
 from kdcli.models import create_model
 from kdcli.weights import save_model
-from tests.conftest import MEASURED_FIELDS, TINY_DATA, _Silent, assert_clean_error
+from tests.conftest import MEASURED_FIELDS, TINY_DATA, _Silent, assert_clean_error, exit_code
 
 # 1600 training images in 50 steps of 32: an epoch lasts about a second on one core, long enough to
 # interrupt in its middle.
@@ -141,7 +141,7 @@ def run_cli(args: list) -> int:
     try:
         main()
     except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 0
+        return exit_code(exc)
     finally:
         sys.argv = saved
     return 0
@@ -549,9 +549,6 @@ def test_a_resume_checkpoint_given_as_teacher_says_what_it_is(kd, finished_run):
 
 def test_safetensors_header_dtypes_are_checked_before_loading(kd, tmp_path):
     """An integer tensor where the model has a float weight is refused from the header alone."""
-    from safetensors.torch import save_file
-
-    from kdcli.models import create_model
     from kdcli.weights import FORMAT
 
     state = {k: v.contiguous() for k, v in create_model("resnet8", num_classes=4).state_dict().items()}

@@ -6,9 +6,10 @@ import contextlib
 import functools
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from kdcli.errors import KdError
+from kdcli.losses import full_precision
 from kdcli.models.features import classifier_of
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -68,9 +69,5 @@ def classifier_in_fp32(model: nn.Module) -> None:
 def _fp32_subclass(linear: type[nn.Linear]) -> type[nn.Linear]:
     if getattr(linear, "fp32_under_autocast", False):
         return linear
-
-    def forward(self, x: Tensor) -> Tensor:
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            return linear.forward(self, x.float())
-
+    forward = full_precision(linear.forward)  # the losses' wrapper: autocast off, bf16 inputs promoted
     return type(f"Fp32{linear.__name__}", (linear,), {"forward": forward, "fp32_under_autocast": True})

@@ -121,9 +121,7 @@ def pretrained_input(name: str) -> PretrainedInput | None:
     weights (timm's `pretrained_cfg`, torchvision's weights transforms); None for the zoo. No download."""
     source, _, arch = name.partition(":")
     if source == "timm":
-        import timm
-
-        cfg = timm.get_pretrained_cfg(arch)
+        cfg = _timm_pretrained_cfg(arch)
         if cfg is None:
             return None
         return PretrainedInput(cfg.input_size[-1], tuple(cfg.mean), tuple(cfg.std), cfg.num_classes)
@@ -134,6 +132,20 @@ def pretrained_input(name: str) -> PretrainedInput | None:
             transforms.crop_size[0], tuple(transforms.mean), tuple(transforms.std), len(weights.meta["categories"])
         )
     return None
+
+
+def _timm_pretrained_cfg(arch: str):
+    """timm's pretrained config of `arch` (NAME or NAME.TAG), None when it has none; a KdError for an unknown tag."""
+    import timm
+
+    try:
+        return timm.get_pretrained_cfg(arch)
+    except RuntimeError as err:  # timm: "Invalid pretrained tag (...) for ..."
+        base = arch.partition(".")[0]
+        raise KdError(
+            f"timm:{arch}: {err}",
+            f"list the published weights with python -c \"import timm; print(timm.list_pretrained('{base}*'))\"",
+        ) from err
 
 
 def _reachable(url: str) -> bool:
@@ -165,9 +177,8 @@ def _timm_weights_source(arch: str) -> dict:
     Raises a KdError at once when the file is not cached and cannot be downloaded.
     """
     import huggingface_hub
-    import timm
 
-    cfg = timm.get_pretrained_cfg(arch)
+    cfg = _timm_pretrained_cfg(arch)
     if cfg is None:
         return {}
     if cfg.hf_hub_id:
@@ -226,10 +237,11 @@ def _creation_errors(name: str, pretrained: bool) -> Iterator[None]:
 def _torchvision_weights(arch: str):
     import torchvision
 
-    if arch not in torchvision.models.list_models():
+    classifiers = torchvision.models.list_models(module=torchvision.models)  # not detection, segmentation, video
+    if arch not in classifiers:
         raise _unknown_external(
-            "torchvision model", arch, torchvision.models.list_models(),
-            "python -c 'import torchvision; print(torchvision.models.list_models())'",
+            "torchvision classification model", arch, classifiers,
+            "python -c 'import torchvision; print(torchvision.models.list_models(module=torchvision.models))'",
         )
     return torchvision.models.get_model_weights(arch).DEFAULT
 
