@@ -396,8 +396,16 @@ def _timing_fields(name: str, spread) -> dict[str, Any]:
     return {name: spread.median, f"{name}_iqr": [spread.q1, spread.q3], f"{name}_runs": spread.runs}
 
 
-def compare(run_dirs: list[str] | None = None, plan=None, out: str | None = None, reporter=None) -> dict[str, Any]:
-    """`kd compare`: train a `kdcli.compare.make_plan` grid (resumably) or aggregate `run_dirs`; see kdcli.compare."""
+def compare(
+    run_dirs: list[str] | None = None, plan=None, out: str | None = None, reporter=None, jobs: int = 1,
+    devices: list[str] | None = None,
+) -> dict[str, Any]:
+    """`kd compare`: train a `kdcli.compare.make_plan` grid (resumably, `jobs` runs at once) or aggregate
+    `run_dirs`; see kdcli.compare. Runs trained in this process go through run() and resume()."""
     from kdcli import compare as comparison
 
-    return comparison.compare(run_dirs, plan=plan, out=out, reporter=reporter)
+    runner = comparison.Runner(
+        train=lambda config, rep: run(config, overwrite=True, reporter=rep),
+        resume=lambda path, rep: resume(path, reporter=rep),
+    )
+    return comparison.compare(run_dirs, plan=plan, out=out, runner=runner, reporter=reporter, jobs=jobs, devices=devices)

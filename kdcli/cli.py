@@ -288,6 +288,11 @@ def compare(
     data: Data = None, data_dir: DataDir = None, download: Download = None, epochs: Epochs = None,
     batch_size: BatchSize = None, lr: Lr = None, device: Device = None, preset: Preset = None,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Parent folder of the runs and the compare.* files (default runs/compare-<teacher>-<student>-<time>; when aggregating, the first folder).")] = None,
+    teacher_arch: Annotated[Optional[str], typer.Option("--teacher-arch", help="Architecture of a .pth teacher outside an <arch>_vanilla folder.")] = None,
+    precision: Precision = None, compile_: Compile = None, workers: Workers = None, pretrained: Pretrained = None,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Runs trained at once, each in its own process (default 1; several small runs share a GPU well).")] = 1,
+    devices: Annotated[Optional[str], typer.Option("--devices", help="GPUs the --jobs are spread over, e.g. 0,1,2,3 (default: every visible GPU).")] = None,
+    published: Annotated[bool, typer.Option("--published", help="Print the stored published CIFAR-100 tables (narrowed by --student/--teacher) and exit; trains nothing.")] = False,
     json_out: Json = False,
 ) -> None:
     """Which method is best for a teacher/student pair, by how much, at what cost.
@@ -297,14 +302,19 @@ def compare(
     folders it aggregates them. Either way: a table, and compare.json, .csv, .md and .png.
     """
     from kdcli import api
-    from kdcli.compare import make_plan, print_tables
+    from kdcli.compare import make_plan, parse_devices, print_published, print_tables, published_table
 
+    if published:
+        _compare_published(student, teacher, runs, json_out, print_published, published_table)
+        return
     flags = dict(
         teacher=teacher, student=student, data=data, data_dir=data_dir, download=download, epochs=epochs,
-        batch_size=batch_size, lr=lr, device=device,
+        batch_size=batch_size, lr=lr, device=device, teacher_arch=teacher_arch, precision=precision,
+        compile=compile_, workers=workers, pretrained=pretrained,
     )
     if runs:
-        training = {**flags, "methods": methods, "seeds": seeds, "set": set_, "preset": preset}
+        training = {**flags, "methods": methods, "seeds": seeds, "set": set_, "preset": preset,
+                    "jobs": None if jobs == 1 else jobs, "devices": devices}
         given = [f"--{name.replace('_', '-')}" for name, value in training.items() if value not in (None, [], ())]
         if given:
             raise KdError(
@@ -314,11 +324,24 @@ def compare(
         result = api.compare(runs, out=out)
     else:
         plan = make_plan(flags, preset=preset, methods=methods, seeds=seeds, options=parse_set_options(set_ or []), out=out)
-        result = api.compare(plan=plan)
+        result = api.compare(plan=plan, jobs=jobs, devices=parse_devices(devices))
     if json_out:
         print_json(result)
     else:
         print_tables(result)
+    if result["failed"]:
+        raise typer.Exit(1)  # the other runs finished and are in the table; the failures are listed under it
+
+
+def _compare_published(student, teacher, runs, json_out, print_published, published_table) -> None:
+    """`kd compare --published`: the stored tables alone."""
+    if runs:
+        raise KdError("--published prints the stored tables and takes no run folders", "run `kd compare --published [--student S]`")
+    tables = published_table(student=student, teacher=teacher)
+    if json_out:
+        print_json({"published": tables})
+    else:
+        print_published(tables)
 
 
 def main() -> None:

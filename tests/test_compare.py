@@ -234,7 +234,7 @@ def test_set_options_go_to_the_methods_that_have_them(tmp_path):
 
 
 def test_a_one_method_preset_compares_its_method_with_the_plain_student(monkeypatch):
-    monkeypatch.setattr(comparison, "find_teacher", lambda name, data: Path(f"/store/{name}.safetensors"))
+    monkeypatch.setattr(comparison.plan, "find_teacher", lambda name, data: Path(f"/store/{name}.safetensors"))
     plan = comparison.make_plan({}, preset="cifar100-dkd-res56-res20", out="c")
     assert [job.name for job in plan.jobs] == ["none-seed0", "dkd-seed0"]
     dkd = plan.jobs[1].config
@@ -254,7 +254,7 @@ def test_cifar100_bench_preset_is_a_grid(monkeypatch):
     config = build_config(layers)  # kd distill --preset cifar100-bench: the protocol, [compare] ignored
     assert config.epochs == 240 and config.milestones == [150, 180, 210] and config.lr is None
 
-    monkeypatch.setattr(comparison, "find_teacher", lambda name, data: Path(f"/store/{name}.safetensors"))
+    monkeypatch.setattr(comparison.plan, "find_teacher", lambda name, data: Path(f"/store/{name}.safetensors"))
     plan = comparison.make_plan({}, preset="cifar100-bench", out="bench")
     methods, students = len(grid["methods"]), {s for _, s in grid["pairs"]}
     assert len(plan.jobs) == 3 * (13 * (methods - 1) + len(students))  # one plain student per student, shared
