@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kdcli.compare.aggregate import aggregate, find_runs, read_record
+from kdcli.compare import aggregate
 from kdcli.compare.plan import Job, Plan, make_plan
 from kdcli.compare.published import published_table
 from kdcli.compare.render import print_published, print_tables, write_outputs
@@ -42,9 +42,9 @@ def compare(
             raise TypeError("training a plan needs a Runner (kdcli.api.compare passes one)")
         failed = execute(plan, runner, jobs=jobs, devices=devices, reporter=reporter)
         summaries = [Path(job.config.out) / "summary.json" for job in plan.jobs]
-        records, unfinished, folder = [read_record(p) for p in summaries if p.is_file()], [], plan.out
+        records, unfinished, folder = [aggregate.read_record(p) for p in summaries if p.is_file()], [], plan.out
     elif run_dirs:
-        records, unfinished = find_runs(run_dirs)
+        records, unfinished = aggregate.find_runs(run_dirs)
         folder = Path(out or run_dirs[0])
     else:
         raise KdError("no run folders to compare", "e.g. `kd compare runs/`")
@@ -56,7 +56,7 @@ def compare(
         "out": str(folder),
         "runs": len(records),
         "paired": "deltas are paired by seed: the same seed gives the same student initialisation and batch order",
-        "rows": aggregate(records, failed),
+        "rows": aggregate.aggregate(records, failed),
         "unfinished": [str(p) for p in unfinished],
         "failed": [{k: v for k, v in f.items() if k != "key"} for f in failed],
     }

@@ -65,7 +65,7 @@ def _read_source(name: str, table: dict[str, Any]) -> list[Cell]:
                 source=name, citation=table["citation"], selection=table["selection"], runs=table.get("runs"),
                 teacher=None if row["method"] == "none" else teacher, student=student, method=row["method"],
                 label=row["label"], options=dict(row.get("options", {})), top1=top1, std=std,
-                protocol=dict(table["protocol"]), tuned=tuple(table.get("tuned", ())),
+                protocol=dict(table["protocol"]), tuned=tuple(row.get("tuned", table.get("tuned", ()))),
                 protocol_note=row.get("protocol_note"), pair_label=f"{teacher} → {student}",
             ))
     return cells

@@ -192,7 +192,7 @@ def _csv_value(value: Any) -> str:
 
 
 def _md(text: str) -> str:
-    return text.replace("|", "\\|")
+    return text.replace("|", "\\|").replace("*", "\\*")
 
 
 def _md_row(values: list[str], bold: bool = False) -> str:
@@ -234,10 +234,11 @@ def paper_table(rows: list[dict[str, Any]]) -> list[str]:
             for i in range(len(pairs))]
     lines = ["## Top-1 (%) per teacher → student pair: ours (paper)", "",
              "Ours: mean ± std over seeds, of the last epoch, or of the best epoch where the published value "
-             "is a best-epoch one; (paper) where a published value exists; † where our runs deviate from its protocol.",
+             "is a best-epoch one; (paper) where a published value exists; † where our runs deviate from its protocol; "
+             "◀ the best in its column.",
              "", _md_row(["", *headers]), "|---|" + "---:|" * len(pairs), _md_row(teacher_row)]
     for name, *found in table:
-        values = [ours_and_paper(r, r is best[i]) for i, r in enumerate(found)]
+        values = [ours_and_paper(r, r is best[i]) for i, r in enumerate(found)]  # _md_row escapes markup
         lines.append(_md_row([name, *values]))
     return lines + [""]
 
@@ -248,11 +249,9 @@ def ours_and_paper(row: dict[str, Any] | None, best: bool) -> str:
     paper = row["paper"]
     name = "best_top1" if paper and paper["selection"] == "best" else "top1"
     ours = mean_std(row, name)
-    ours = f"**{ours}**" if best else ours
-    if not paper:
-        return ours
-    mark = "†" if paper["note"] and "deviates" in paper["note"] else ""
-    return f"{ours} ({paper['top1']:.2f}{mark})"
+    if paper:
+        ours += f" ({paper['top1']:.2f}{'†' if paper['note'] and 'deviates' in paper['note'] else ''})"
+    return f"{ours} ◀" if best else ours
 
 
 def _year(label: str) -> int:
