@@ -196,13 +196,26 @@ def test_run_mode_resumes_an_interrupted_grid_and_reuses_finished_runs(kd, tmp_p
     assert_clean_error(kd(*[a if a != "2" else "3" for a in args]), "other settings", "epochs 2 (asked 3)")
 
 
-def test_run_mode_stops_at_a_failed_run_with_its_exit_code(kd, tmp_path):
+def test_a_failed_run_is_reported_and_the_grid_goes_on(kd, tmp_path):
+    assert kd("train", "resnet8", *COMMON, "--out", tmp_path / "teacher").code == 0
     out = tmp_path / "cmp"
-    result = kd("compare", "--student", "resnet8", "--methods", "none", "--seeds", "0,1", *COMMON,
-                "--lr", "1e30", "--out", out)
+    # kd with a weight of 1e30 diverges; the plain student trains normally.
+    result = kd("compare", "--teacher", "resnet8", "--student", "resnet8", "--methods", "none,kd", "--seeds", "0,1",
+                "--set", "kd.kd=1e30", *COMMON, "--out", out, "--json")
     assert result.code == 1 and "Traceback" not in result.stderr
-    assert "error: none-seed0: training diverged" in result.stderr and "hint: " in result.stderr
-    assert not (out / "none-seed1").exists() and not (out / "compare.json").exists()
+    assert "error: kd-seed0: training diverged" in result.stderr and "hint: " in result.stderr
+    assert "goes on with the other runs" in result.stderr
+    assert (out / "none-seed1" / "summary.json").is_file()  # trained after the failure
+    report = json.loads(result.stdout)
+    assert [f["run"] for f in report["failed"]] == ["kd-seed0", "kd-seed1"]
+    assert all("diverged" in f["error"] and f["exit_code"] == 1 for f in report["failed"])
+    rows = {r["method"]: r for r in report["rows"]}
+    assert rows["none"]["runs"] == 2 and rows["kd"]["runs"] == 0 and rows["kd"]["failed"] == ["kd-seed0", "kd-seed1"]
+    assert json.loads((out / "compare.json").read_text())["failed"] == report["failed"]
+    assert "## Failed runs" in (out / "compare.md").read_text()
+    human = kd("compare", "--teacher", "resnet8", "--student", "resnet8", "--methods", "none,kd", "--seeds", "0,1",
+               "--set", "kd.kd=1e30", *COMMON, "--out", out)
+    assert human.code == 1 and "0 (2 failed)" in human.stdout and "failed: kd-seed0: training diverged" in human.stdout
 
 
 def test_a_run_stopped_by_a_signal_says_how_to_continue_the_comparison(tmp_path):
