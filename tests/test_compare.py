@@ -330,3 +330,68 @@ def test_bad_input(kd, tmp_path, monkeypatch):
     assert_clean_error(missing, "no trained resnet8 for")
     assert "kd train resnet8 --data" in missing.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["empty"] and not list(empty.iterdir())
+
+
+# ---- flags, structure, picture -----------------------------------------------------------------
+
+def test_compare_takes_the_distill_flags_a_comparison_needs(kd, tmp_path):
+    teacher = tmp_path / "resnet8_vanilla" / "ckpt.pth"  # never loaded: the plan is checked, then run
+    plan = comparison.make_plan(
+        {"teacher": str(teacher), "student": "resnet8", "data": TINY_DATA, "precision": "fp32", "compile": False,
+         "workers": 0, "pretrained": False, "teacher_arch": "resnet8"},
+        methods="none,kd", out=str(tmp_path / "c"),
+    )
+    none, kd_job = (job.config for job in plan.jobs)
+    assert (kd_job.precision, kd_job.workers, kd_job.teacher_arch) == ("fp32", 0, "resnet8")
+    assert (none.precision, none.teacher, none.teacher_arch) == ("fp32", None, None)  # the plain student has no teacher
+    help_text = kd("compare", "--help").stdout
+    for flag in ("--precision", "--pretrained", "--teacher-arch", "--workers", "--compile", "--jobs", "--devices", "--published"):
+        assert flag in help_text
+    result = kd("compare", "--student", "resnet8", "--methods", "none", *COMMON, "--precision", "fp32", "--out", tmp_path / "p", "--json")
+    assert result.code == 0, result.stderr
+    assert 'precision = "fp32"' in (tmp_path / "p" / "none-seed0" / "config.toml").read_text()
+
+
+def test_compare_modules_never_import_the_api():
+    """One-way flow: kdcli.api calls kdcli.compare; the worker entry point is the only caller of api beside it."""
+    import ast
+
+    package = Path(comparison.__file__).parent
+    for module in package.glob("*.py"):
+        for node in ast.walk(ast.parse(module.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            assert not any(n == "kdcli.api" or n.startswith("kdcli.api.") for n in names), module.name
+
+
+def test_plot_has_one_panel_per_pair_with_bands_and_bars(tmp_path):
+    from kdcli.compare import render
+
+    def row(label, teacher, runs=3, paper=None):
+        return {"label": label, "teacher": teacher, "student": "resnet20", "data": "cifar100", "epochs": 3, "runs": runs,
+                "method": label, "options": {}, "best": False, "top1_mean": 70.0, "top1_std": 0.5,
+                "val_top1_curve": [60.0, 65.0, 70.0], "val_top1_curve_std": [1.0, 0.5, 0.5], "paper": paper}
+
+    rows = [row("kd", "resnet56", paper={"top1": 70.66}), row("kd", "resnet110"), row("none", None)]
+    panels = render.panels(rows)
+    assert [title.split("\n")[0] for title, _ in panels] == ["resnet56 → resnet20", "resnet110 → resnet20"]
+    assert all([r["label"] for r in chosen] == ["none", "kd"] for _, chosen in panels)  # the plain student in each
+    if HAS_MATPLOTLIB:
+        from matplotlib.axes import Axes
+
+        drawn = []
+        original = Axes.fill_between, Axes.bar, Axes.scatter
+        try:
+            Axes.fill_between = lambda self, *a, **k: drawn.append("band") or original[0](self, *a, **k)
+            Axes.bar = lambda self, *a, **k: drawn.append(("bars", len(a[1]), tuple(k["yerr"]))) or original[1](self, *a, **k)
+            Axes.scatter = lambda self, *a, **k: drawn.append(("published", a[1][0])) or original[2](self, *a, **k)
+            assert render.plot(rows, tmp_path / "compare.png")
+        finally:
+            Axes.fill_between, Axes.bar, Axes.scatter = original
+        assert drawn.count("band") == 4  # two methods x two panels, 3 seeds each
+        assert drawn.count(("bars", 2, (0.5, 0.5))) == 2 and drawn.count(("published", 70.66)) == 1
+        assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"

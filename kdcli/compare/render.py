@@ -110,7 +110,8 @@ def print_tables(result: dict[str, Any], console: Console = stdout) -> None:
         table = Table(title=f"kd compare: {_title(key)}", title_justify="left",
                       caption="paired by seed; * = 95% CI excludes 0", caption_justify="left")
         for number, header in enumerate(HEADERS + PAPER_HEADERS * with_paper):
-            table.add_column(header, justify="left" if number < 2 else "right", no_wrap=number > 1)
+            # In a narrow terminal, numbers wrap at their spaces ("70.12 ±" / "0.31") and names keep a width.
+            table.add_column(header, justify="left" if number < 2 else "right", min_width=8 if number < 2 else None)
         for row in rows:
             style = "bold green" if row["best"] else "red" if row["failed"] else None
             table.add_row(*(Text(c) for c in cells(row, with_paper)), style=style)
@@ -272,9 +273,9 @@ def panels(rows: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]
         teachers = list(dict.fromkeys(r["teacher"] for r in section if r["teacher"] is not None and r["runs"]))
         for teacher in teachers:
             chosen = plain + [r for r in section if r["teacher"] == teacher and r["runs"]]
-            out.append((f"{short_name(teacher)} → {_title(key)}", chosen))
+            out.append((f"{short_name(teacher)} → {key[0]}\n{key[1]}, {key[2]} epochs", chosen))
         if not teachers and plain:
-            out.append((_title(key), plain))
+            out.append((f"{key[0]}\n{key[1]}, {key[2]} epochs", plain))
     return out
 
 
@@ -290,35 +291,37 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
     groups = panels(rows)
     figure = Figure(figsize=(12, 4.2 * max(1, len(groups))), layout="constrained")
     axes = figure.subplots(max(1, len(groups)), 2, squeeze=False, width_ratios=[3, 2])
+    labels = dict.fromkeys(r["label"] for _, chosen in groups for r in chosen)
+    colours = {label: f"C{i % 10}" for i, label in enumerate(labels)}  # a method has one colour in every panel
     for (curves, bars), (title, chosen) in zip(axes, groups):
-        _curves(curves, title, chosen, MaxNLocator)
-        _bars(bars, chosen)
+        _curves(curves, title, chosen, colours, MaxNLocator)
+        _bars(bars, chosen, colours)
     figure.savefig(path, dpi=110)
     return True
 
 
-def _curves(ax, title: str, rows: list[dict[str, Any]], locator) -> None:
-    for number, row in enumerate(rows):
+def _curves(ax, title: str, rows: list[dict[str, Any]], colours: dict[str, str], locator) -> None:
+    for row in rows:
         curve, spread = row["val_top1_curve"], row["val_top1_curve_std"]
         epochs = range(1, len(curve) + 1)
-        colour = f"C{number % 10}"
+        colour = colours[row["label"]]
         ax.plot(epochs, curve, color=colour, label=f"{row['label']} (n={row['runs']})", linewidth=2.2 if row["best"] else 1.3)
         if row["runs"] > 1:
             ax.fill_between(epochs, [m - s for m, s in zip(curve, spread)], [m + s for m, s in zip(curve, spread)],
                             color=colour, alpha=0.2, linewidth=0)
-    ax.set_title(title + ": validation top-1, mean ± std over seeds", fontsize="medium")
+    ax.set_title(title, fontsize="medium")
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(locator(integer=True))
-    ax.set_ylabel("validation top-1 (%)")
+    ax.set_ylabel("validation top-1 (%), mean ± std over seeds")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
 
 
-def _bars(ax, rows: list[dict[str, Any]]) -> None:
+def _bars(ax, rows: list[dict[str, Any]], colours: dict[str, str]) -> None:
     positions = range(len(rows))
     means = [r["top1_mean"] for r in rows]
     errors = [r["top1_std"] if r["runs"] > 1 else 0.0 for r in rows]
-    ax.bar(positions, means, yerr=errors, capsize=5, color=[f"C{i % 10}" for i in positions], alpha=0.85)
+    ax.bar(positions, means, yerr=errors, capsize=5, color=[colours[r["label"]] for r in rows], alpha=0.85)
     marked = False
     for i, row in enumerate(rows):
         paper = row["paper"]
@@ -329,10 +332,10 @@ def _bars(ax, rows: list[dict[str, Any]]) -> None:
     low = min([m - e for m, e in zip(means, errors)] + [r["paper"]["top1"] for r in rows if r["paper"]])
     high = max([m + e for m, e in zip(means, errors)] + [r["paper"]["top1"] for r in rows if r["paper"]])
     margin = max(1.0, (high - low) * 0.25)
-    ax.set_ylim(max(0.0, low - margin), min(100.0, high + margin) if high + margin > low else high + 1)
+    ax.set_ylim(max(0.0, low - margin), min(101.0, high + margin))
     ax.set_xticks(list(positions), [r["label"] for r in rows], rotation=30, ha="right", fontsize="small")
     ax.set_ylabel("final top-1 (%), mean ± std")
-    ax.set_title("last epoch" + (" (◆ published)" if marked else ""), fontsize="medium")
+    ax.set_title("final top-1 (last epoch)" + (", ◆ published" if marked else ""), fontsize="medium")
     ax.grid(axis="y", alpha=0.3)
     if marked:
         ax.legend(fontsize="small")
