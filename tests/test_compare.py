@@ -395,3 +395,13 @@ def test_plot_has_one_panel_per_pair_with_bands_and_bars(tmp_path):
         assert drawn.count("band") == 4  # two methods x two panels, 3 seeds each
         assert drawn.count(("bars", 2, (0.5, 0.5))) == 2 and drawn.count(("published", 70.66)) == 1
         assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_teacher_architecture_for_published_matching(teacher_weights, tmp_path):
+    from kdcli.compare.aggregate import teacher_arch
+
+    assert teacher_arch("resnet56", {}) == "resnet56"  # a store name is the architecture
+    assert teacher_arch(teacher_weights, {}) == "resnet8"  # a kd checkpoint records it
+    assert teacher_arch("x/resnet32x4_vanilla/ckpt_epoch_240.pth", {}) == "resnet32x4"  # RepDistiller's folder
+    assert teacher_arch("x/ckpt.pth", {"teacher_arch": "vgg13"}) == "vgg13"
+    assert teacher_arch("x/ckpt.pth", {}) is None  # unknown: never matched to a published cell

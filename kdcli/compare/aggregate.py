@@ -17,7 +17,7 @@ from kdcli.errors import KdError
 from kdcli.methods import method_class
 from kdcli.methods.base import resolve_hparams
 from kdcli.models import default_lr, list_models
-from kdcli.weights import is_weights_path
+from kdcli.weights import is_weights_path, read_metadata
 
 FOLDERS_HINT = "pass run folders (or folders holding them) written by kd distill, kd train or kd compare"
 
@@ -170,6 +170,11 @@ def teacher_arch(teacher: str | None, config: dict[str, Any]) -> str | None:
         return teacher
     if config.get("teacher_arch"):
         return config["teacher_arch"]
+    if teacher.endswith(".safetensors") and Path(teacher).is_file():
+        try:
+            return read_metadata(Path(teacher)).get("arch")  # a kd checkpoint records its architecture
+        except KdError:
+            return None
     folder = Path(teacher).parent.name
     arch = folder.removesuffix("_vanilla")
     return arch if folder.endswith("_vanilla") and arch in list_models() else None

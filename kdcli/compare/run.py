@@ -133,7 +133,9 @@ class Pool:
         self.stopped: list[str] = []
         import torch
 
-        self.threads = max(1, torch.get_num_threads() // size)
+        # Every worker computes with the threads a --jobs 1 run would use: PyTorch's CPU kernels are not
+        # bitwise equal across thread counts, and --jobs must not change the results (only the schedule).
+        self.threads = torch.get_num_threads()
 
     def run(self) -> list[dict[str, Any]]:
         self.work.mkdir(parents=True, exist_ok=True)
@@ -259,6 +261,8 @@ class Pool:
                 self.progress.update(task, completed=m["epoch"] * event["steps"], status=text)
             else:
                 self._say(f"{name}: {text}")
+        elif kind == "note":
+            self._say(f"{name}: {event['text']}")
         elif kind == "error":
             self.errors[name] = event
 
