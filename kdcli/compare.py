@@ -33,8 +33,7 @@ from kdcli.methods import method_class
 from kdcli.methods.base import resolve_hparams
 from kdcli.models import list_models
 from kdcli.report import fmt, stderr, stdout
-from kdcli.store import dataset_key, find_teacher
-from kdcli.weights import is_weights_path
+from kdcli.teachers import dataset_key, find_teacher, is_weights_path
 
 DEFAULT_METHODS = ["none", "kd"]
 GRID_KEYS = ("pairs", "methods", "seeds")

@@ -26,6 +26,8 @@ class RunConfig:
     pretrained: bool = False  # timm:/tv: student starts from its published weights (and a timm:/tv: teacher uses them)
     teacher: str | None = None
     teacher_arch: str | None = None
+    teacher_sha256: str | None = None  # recorded by the run: sha256 of the teacher's weights file
+    teacher_source: str | None = None  # recorded by the run: where those weights came from
     method: str = "kd"
     options: dict[str, Any] = field(default_factory=dict)  # method hyperparameters (--set)
     data: str = "cifar100"
