@@ -37,9 +37,10 @@ class Scan:
     opcodes: int = 0
 
 
-def scan(stream: IO[bytes], scan_into: Scan | None = None, max_opcodes: int = MAX_OPCODES) -> Scan:
+def scan(stream: IO[bytes], scan_into: Scan | None = None, max_opcodes: int | None = None) -> Scan:
     """Walk one pickle in `stream` (stopping after its STOP) and report what it references."""
     result = scan_into or Scan()
+    max_opcodes = max_opcodes or MAX_OPCODES
     stack: list[Any] = []
     marks: list[list[Any]] = []
     memo: dict[int, Any] = {}

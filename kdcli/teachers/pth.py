@@ -90,7 +90,8 @@ def inspect(path: Path) -> Scan:
         ) from None
     unsafe = [name for name in result.globals if name not in SAFE_GLOBALS]
     if unsafe:
-        raise KdError(f"refused {path}: the file would have to run code ({unsafe[0]}) to load and was not loaded", _CONVERT_HINT)
+        named = ", ".join(unsafe[:3]) + (f" and {len(unsafe) - 3} more" if len(unsafe) > 3 else "")
+        raise KdError(f"refused {path}: the file would have to run code ({named}) to load and was not loaded", _CONVERT_HINT)
     return result
 
 

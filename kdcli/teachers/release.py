@@ -154,7 +154,7 @@ def _convert_archive(path: Path, wanted: list[str], source: str, staging: Path, 
                 if pinned and digest != pinned:
                     raise BadArchive(
                         f"{path}: {member.name} has sha256 {digest}, not the published {pinned}",
-                        "the archive is corrupt or not the published release; delete it and fetch again",
+                        "it is corrupt or not the published release: get cifar_teachers.tar again (kd teachers fetch removes a bad download itself)",
                     )
                 try:
                     yield _convert(copy, arch, f"{source}#{member.name}", staging, dataset, digest)
@@ -169,7 +169,7 @@ def _check_member_name(path: Path, name: str) -> None:
     if name.startswith(("/", "\\")) or ".." in parts or re.match(r"[A-Za-z]:", name):
         raise BadArchive(
             f"{path} holds a member named {name!r} that points outside the archive; nothing was imported",
-            "the archive is not the published release: delete it and fetch it again",
+            "it is not the published release: get cifar_teachers.tar again (kd teachers fetch removes a bad download itself)",
         )
 
 
