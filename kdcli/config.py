@@ -81,6 +81,8 @@ class RunConfig:
 
 
 FIELD_NAMES = {f.name for f in fields(RunConfig)}
+# Written by the run itself (what the teacher was), not settings a user chooses.
+RECORDED_FIELDS = {"teacher_sha256", "teacher_source"}
 # Tables a preset may hold for one command only; RunConfig ignores them (`[compare]`: the grid of kd compare).
 COMMAND_TABLES = {"compare"}
 

@@ -411,3 +411,35 @@ def test_teacher_digest_of_files_store_names_and_missing_teachers(tmp_path):
     stored.parent.mkdir(parents=True)
     stored.write_bytes(b"stored")
     assert teacher_digest("resnet8", "cifar100") == hashlib.sha256(b"stored").hexdigest()
+
+
+def test_compare_does_not_reuse_a_run_whose_teacher_changed(tmp_path):
+    from dataclasses import replace
+
+    from kdcli.compare import Job, run_state
+    from kdcli.config import build_config, to_toml
+
+    teacher = tmp_path / "teacher.safetensors"
+    teacher.write_bytes(b"first teacher")
+    config = build_config({"teacher": str(teacher), "student": "resnet8", "data": TINY_DATA, "out": str(tmp_path / "run")})
+    (tmp_path / "run").mkdir()
+    recorded = replace(config, teacher_sha256=teacher_digest(str(teacher)), teacher_source=f"file {teacher}")
+    (tmp_path / "run" / "config.toml").write_text(to_toml(recorded))
+    assert run_state(Job("kd-seed0", config)) == "new"  # same teacher: the run is this job's
+    teacher.write_bytes(b"another teacher")
+    with pytest.raises(KdError, match="other settings: teacher .* with sha256"):
+        run_state(Job("kd-seed0", config))
+
+
+def test_resume_refuses_a_teacher_that_changed(kd, tmp_path):
+    from kdcli.teachers import save_model
+
+    teacher = tmp_path / "teacher.safetensors"
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        save_model(teacher, create_model("resnet8", num_classes=4), arch="resnet8", num_classes=4, dataset=TINY_DATA)
+        if seed == 0:
+            run = kd("distill", "--teacher", teacher, "--student", "resnet8", "--data", TINY_DATA, "--epochs", "1",
+                     "--device", "cpu", "--out", tmp_path / "run", "--json")
+            assert run.code == 0, run.stderr
+    assert_clean_error(kd("distill", "--resume", tmp_path / "run"), "changed since this run started")
