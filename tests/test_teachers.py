@@ -443,3 +443,18 @@ def test_resume_refuses_a_teacher_that_changed(kd, tmp_path):
                      "--device", "cpu", "--out", tmp_path / "run", "--json")
             assert run.code == 0, run.stderr
     assert_clean_error(kd("distill", "--resume", tmp_path / "run"), "changed since this run started")
+
+
+def test_download_progress_shows_bytes_and_speed_in_a_terminal(serve, release, tmp_path, monkeypatch):
+    from rich.console import Console
+
+    from kdcli.teachers import download as downloading
+
+    screen = io.StringIO()
+    monkeypatch.setattr(downloading, "stderr", Console(file=screen, force_terminal=True, width=120))
+    server = serve(release["tar"])
+    target = downloading.download(server.url, tmp_path / "a.tar", 1 << 30, hint="offline")
+    assert target.read_bytes() == release["tar"]
+    shown = screen.getvalue()
+    assert "cifar_teachers.tar" in shown and f"{len(release['tar']) / 1e6:.1f}/{len(release['tar']) / 1e6:.1f} MB" in shown
+    assert "MB/s" in shown

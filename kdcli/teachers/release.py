@@ -93,11 +93,11 @@ def import_path(
         raise KdError(f"{path} does not exist", "pass the downloaded cifar_teachers.tar, its extracted folder or a .pth file")
     with _staging() as staging:
         if path.is_dir():
-            converted = [_convert(f, _arch_of(f), str(f), staging, dataset) for f in _folder_members(path, wanted)]
+            converted = [_convert(f, _arch_of(f), str(f.resolve()), staging, dataset) for f in _folder_members(path, wanted)]
         elif tarfile.is_tarfile(path):
-            converted = list(_convert_archive(path, wanted, source or str(path), staging, dataset))
+            converted = list(_convert_archive(path, wanted, source or str(path.resolve()), staging, dataset))
         else:
-            converted = [_convert(path, arch or _arch_of(path), str(path), staging, dataset)]
+            converted = [_convert(path, arch or _arch_of(path), str(path.resolve()), staging, dataset)]
         _check_found(path, wanted, {c[0].arch for c in converted})
         return _register(converted, dataset, overwrite)
 
