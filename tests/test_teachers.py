@@ -268,7 +268,7 @@ def test_fetch_converts_and_registers_the_release(kd, serve, release):
         assert float(metadata["top1"]) == pytest.approx(ACCURACY[arch])
         model, _ = load_network(arch, "cifar100", 100)
         assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
-    listing = {row["arch"]: row for row in list_teachers()}
+    listing = {row["model"]: row for row in list_teachers()}
     assert listing["resnet56"]["source"].startswith(server.url) and listing["resnet56"]["top1"] == pytest.approx(72.34)
     shown = kd("list", "teachers")
     assert "72.34" in shown.stdout and "resnet56" in shown.stdout
@@ -283,7 +283,7 @@ def test_import_then_distill_from_the_teacher_by_name(kd, tmp_path, release):
     archive.write_bytes(release["tar"])
     result = kd("teachers", "import", archive, "--only", "resnet56", "--data", DATA100)
     assert result.code == 0, result.stderr
-    assert [row["arch"] for row in list_teachers()] == ["resnet56"]
+    assert [row["model"] for row in list_teachers()] == ["resnet56"]
     out = tmp_path / "run"
     run = kd("distill", "--teacher", "resnet56", "--student", "resnet8", "--method", "kd", "--data", DATA100,
              "--epochs", "1", "--batch-size", "64", "--device", "cpu", "--out", out, "--json")
@@ -327,7 +327,7 @@ def test_an_interrupted_download_resumes_to_the_same_bytes(kd, serve, release):
     assert server.ranges == [None, "bytes=100000-"]
     (archive,) = (kd_home() / "downloads").glob("*.tar")
     assert archive.read_bytes() == release["tar"] and not list((kd_home() / "downloads").glob("*.part"))
-    assert {row["arch"] for row in list_teachers()} == {"resnet56", "resnet8"}
+    assert {row["model"] for row in list_teachers()} == {"resnet56", "resnet8"}
 
 
 def _malicious_member(marker: Path) -> bytes:

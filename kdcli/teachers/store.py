@@ -71,7 +71,7 @@ def file_sha256(path: Path) -> str:
 
 
 def list_teachers() -> list[dict[str, Any]]:
-    """Every stored teacher: data folder, arch, path, where it came from and its recorded top-1."""
+    """Every stored teacher: data folder, model (its arch), path, where it came from, its recorded top-1."""
     from kdcli.teachers.files import read_metadata
 
     root = kd_home() / "teachers"
@@ -84,7 +84,7 @@ def list_teachers() -> list[dict[str, Any]]:
         top1 = metadata.get("top1")
         rows.append({
             "data": path.parent.name,
-            "arch": path.stem,
+            "model": path.stem,
             "path": str(path),
             "source": metadata.get("source") or ("kd train" if metadata.get("method") == "train" else "unknown"),
             "top1": float(top1) if _is_number(top1) else None,
