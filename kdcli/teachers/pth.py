@@ -151,8 +151,9 @@ def _bomb(path: Path, what: str) -> KdError:
 @contextmanager
 def _allowed_globals() -> Iterator[None]:
     """torch's safe globals for the inert non-torch types in SAFE_GLOBALS, for this load only."""
-    extra = _numpy_and_namespace()
     serialization = torch.serialization
+    registered = set(serialization.get_safe_globals())
+    extra = [item for item in _numpy_and_namespace() if item not in registered]  # the user's own stay
     if hasattr(serialization, "safe_globals"):  # torch >= 2.5
         with serialization.safe_globals(extra):
             yield
