@@ -55,11 +55,11 @@ def run(config: RunConfig, overwrite: bool = False, resume: bool = False, report
     cls = method_class(config.method)
     resolve_hparams(cls, config.options)  # reject bad --set values before any slow work
     check_architecture_name(config.student)
+    if config.command == "train" and not resume:
+        check_free(config.student, config.data, overwrite)  # before hours of training, not after
     bundle = build_data(config.data, data_dir=config.data_dir, download=config.download)
     if config.pretrained:
         bundle = with_pretrained_input(bundle, config.student, config.teacher if config.command == "distill" else None)
-    if config.command == "train" and not resume:
-        check_free(config.student, config.data, overwrite)  # before hours of training, not after
     teacher = load_teacher(config, bundle.num_classes) if config.command == "distill" and cls.needs.teacher else None
     if teacher is not None:
         config = with_teacher_record(config, resume)
