@@ -47,6 +47,7 @@ def published_checkpoint(arch: str, seed: int, legacy: bool = False) -> tuple[by
         "optimizer": optimizer.state_dict(),
         "opt": argparse.Namespace(model=arch, lr=0.05, lr_decay_epochs=[150, 180, 210], dataset="cifar100"),
         "history": np.array([10.5, 40.25], dtype=np.float32),
+        "extra": ({"cifar100"}, b"bytes", 1 + 2j, None, True),
     }
     buffer = io.BytesIO()
     torch.save(state, buffer, _use_new_zipfile_serialization=not legacy)

@@ -7,6 +7,7 @@ imported or called, so this is safe on any file and runs before torch sees it.
 
 from __future__ import annotations
 
+import _compat_pickle
 import pickletools
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -50,7 +51,7 @@ def scan(stream: IO[bytes], scan_into: Scan | None = None, max_opcodes: int | No
             raise PickleTooLarge(f"more than {max_opcodes:,} pickle opcodes")
         name = opcode.name
         if name in ("GLOBAL", "INST"):
-            _use(result, stack, marks, name, Global(arg.replace(" ", ".", 1)))
+            _use(result, stack, marks, name, Global(_python3_name(*arg.split(" ", 1))))
         elif name == "STACK_GLOBAL":
             qualname, module = stack.pop(), stack.pop()
             ok = isinstance(module, str) and isinstance(qualname, str)
@@ -89,6 +90,12 @@ def scan(stream: IO[bytes], scan_into: Scan | None = None, max_opcodes: int | No
         else:
             stack = _generic(opcode, stack, marks)
     return result
+
+
+def _python3_name(module: str, name: str) -> str:
+    """The name Python 3 resolves a text global to (protocol 2 pickles say `__builtin__.set`)."""
+    module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+    return f"{_compat_pickle.IMPORT_MAPPING.get(module, module)}.{name}"
 
 
 def _use(result: Scan, stack: list[Any], marks: list[list[Any]], opname: str, ref: Global) -> None:

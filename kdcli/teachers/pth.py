@@ -57,7 +57,7 @@ def _torch_globals() -> set[str]:
 
 SAFE_GLOBALS: frozenset[str] = frozenset(
     _torch_globals()
-    | {"collections.OrderedDict", "_codecs.encode", "builtins.set", "builtins.frozenset", "builtins.bytearray",
+    | {"collections.OrderedDict", "_codecs.encode", "builtins.set", "builtins.bytearray",
        "builtins.complex", "argparse.Namespace", "numpy.ndarray", "numpy.dtype"}
     | {path for paths in _NUMPY_PATHS.values() for path in paths}
 )
