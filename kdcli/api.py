@@ -30,7 +30,8 @@ from kdcli.models.fold import fold_batchnorm
 from kdcli.report import ConsoleReporter, SilentReporter
 from kdcli.profiling import count_params, profile
 from kdcli.teachers import (
-    check_free, input_metadata, is_external, load_network, read_input, read_metadata, register_teacher, save_model,
+    check_free, find_teacher, input_metadata, is_external, load_network, read_input, read_metadata, register_teacher,
+    save_model,
     teacher_digest, teacher_file, teacher_source,
 )
 
@@ -150,10 +151,9 @@ def run(config: RunConfig, overwrite: bool = False, resume: bool = False, report
 def _register_trained(weights: Path, config: RunConfig, overwrite: bool) -> str | None:
     """The trained network into the teacher store. The start of the run checked that the place was
     free (or --overwrite); a resumed run whose teacher was stored meanwhile keeps the stored one."""
-    try:
-        return str(register_teacher(weights, config.student, config.data, overwrite=overwrite))
-    except KdError:
+    if find_teacher(config.student, config.data) is not None and not overwrite:
         return None
+    return str(register_teacher(weights, config.student, config.data, overwrite=True))
 
 
 def with_teacher_record(config: RunConfig, resume: bool) -> RunConfig:
