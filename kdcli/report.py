@@ -91,7 +91,8 @@ class ConsoleReporter:
         fields: dict[str, Any] = {"epoch": epoch, "rate": f"{self.images / elapsed:.0f}" if elapsed > 0 else "-"}
         if loss is not None:
             fields["loss"] = f"{loss:.4f}"
-        self.progress.update(self.task, completed=step, **fields)
+        # Redraw at once when the loss changes; between log steps the bar's own 10 Hz refresh shows the step.
+        self.progress.update(self.task, completed=step, refresh=loss is not None, **fields)
 
     def epoch_end(self, m: dict[str, Any]) -> None:
         agreement = f"  agree {m['agreement']:.1f}" if "agreement" in m else ""

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kdcli.compare import aggregate
-from kdcli.compare.plan import Job, Plan, make_plan
+from kdcli.compare.plan import Job, Plan, make_plan, run_state
 from kdcli.compare.published import published_table
 from kdcli.compare.render import print_published, print_tables, write_outputs
 from kdcli.compare.run import Runner, execute, parse_devices
@@ -24,7 +24,7 @@ from kdcli.errors import KdError
 from kdcli.report import stderr
 
 __all__ = ["Job", "Plan", "Runner", "compare", "make_plan", "parse_devices", "print_published", "print_tables",
-           "published_table"]
+           "published_table", "run_state"]
 
 
 def compare(

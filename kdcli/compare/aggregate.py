@@ -17,7 +17,7 @@ from kdcli.errors import KdError
 from kdcli.methods import method_class
 from kdcli.methods.base import resolve_hparams
 from kdcli.models import default_lr, list_models
-from kdcli.weights import is_weights_path, read_metadata
+from kdcli.teachers import is_weights_path, read_metadata
 
 FOLDERS_HINT = "pass run folders (or folders holding them) written by kd distill, kd train or kd compare"
 
