@@ -4,6 +4,7 @@ resumably, device placement."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -45,8 +46,10 @@ def test_jobs_two_stops_on_ctrl_c_resumes_and_matches_one_at_a_time(kd, tmp_path
     parallel = tmp_path / "parallel"
     log = tmp_path / "parallel.log"
     with open(log, "w") as handle:
+        # One thread, as this test process computes the straight grid: workers use the pool's thread count.
         proc = subprocess.Popen([sys.executable, "-m", "kdcli", *map(str, grid(parallel, "--jobs", "2"))],
-                                stdout=handle, stderr=subprocess.STDOUT, cwd=tmp_path)
+                                stdout=handle, stderr=subprocess.STDOUT, cwd=tmp_path,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.monotonic() + 240
     while not list(parallel.glob("*/checkpoints/last.safetensors")):  # a worker finished its first epoch
         assert proc.poll() is None, log.read_text()
