@@ -25,11 +25,13 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def full_precision(fn: _Loss) -> _Loss:
-    """Run `fn` outside autocast, with fp16/bf16 tensor arguments promoted to float32."""
+    """Run `fn` outside autocast, with fp16/bf16 tensor arguments (and tensors in list arguments) promoted to float32."""
 
     def promote(value):
         if isinstance(value, Tensor) and value.dtype in _LOW_PRECISION:
             return value.float()
+        if isinstance(value, (list, tuple)):  # lists of feature maps (fsp, kdsvd, hcl)
+            return type(value)(promote(v) for v in value)
         return value
 
     @functools.wraps(fn)
