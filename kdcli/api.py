@@ -22,6 +22,7 @@ from kdcli.engine.precision import resolve_precision
 from kdcli.engine.trainer import Schedule, Trainer, config_fingerprint
 from kdcli.errors import KdError
 from kdcli.methods import Method, Shapes, method_class
+from kdcli.models.prerelu import stage_bns
 from kdcli.methods.base import resolve_hparams
 from kdcli.models import create_model, default_lr, list_models
 from kdcli.models.registry import pretrained_input
@@ -321,9 +322,11 @@ def build_method(
     student_shapes = shapes_of(student, x)
     teacher_shapes = shapes_of(teacher, x) if teacher is not None else Shapes()
     head = classifier_of(teacher) if cls.needs.teacher_head and teacher is not None else None
+    extra = {"teacher_bn": stage_bns(teacher)} if cls.needs.teacher_bn and teacher is not None else {}
     torch.manual_seed(config.seed + 1)
     return cls(
-        student_shapes, teacher_shapes, len(train_labels), teacher_head=head, train_labels=train_labels, **config.options
+        student_shapes, teacher_shapes, len(train_labels), teacher_head=head, train_labels=train_labels,
+        **extra, **config.options,
     )
 
 

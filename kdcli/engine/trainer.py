@@ -35,6 +35,7 @@ from kdcli.engine.precision import autocast, classifier_in_fp32
 from kdcli.engine.rundir import RunDir
 from kdcli.engine.schedule import multistep_lr
 from kdcli.engine.signals import StopRequest
+from kdcli.engine.teacher_pass import teacher_mode, teacher_needs
 from kdcli.errors import KdError
 from kdcli.methods.base import Method, Needs
 from kdcli.models.features import Outputs, forward_outputs
@@ -307,8 +308,8 @@ class Trainer:
         with autocast(self.device, self.precision):
             t_out = None
             if self.teacher is not None:
-                with torch.inference_mode():
-                    t_out = run_network(self.teacher_fn, batch, needs)
+                with torch.inference_mode(), teacher_mode(self.teacher, needs):
+                    t_out = run_network(self.teacher_fn, batch, teacher_needs(needs))
                 t_out = _as_normal_tensors(t_out)
             s_out = run_network(self.student_fn, batch, needs)
             terms = self.method_fn(s_out, t_out, batch)
