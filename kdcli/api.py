@@ -186,6 +186,8 @@ def schedule_of(config: RunConfig) -> Schedule:
         weight_decay=config.weight_decay,
         milestones=config.milestone_epochs(),
         lr_decay=config.lr_decay,
+        optimizer=config.optimizer,
+        dot_delta=config.dot_delta,
     )
 
 

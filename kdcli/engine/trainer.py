@@ -34,6 +34,7 @@ from kdcli.engine.evaluate import Evaluation, evaluate
 from kdcli.engine.precision import autocast, classifier_in_fp32
 from kdcli.engine.rundir import RunDir
 from kdcli.engine.signals import StopRequest
+from kdcli.engine.dot import build_optimizer, optimize
 from kdcli.engine.stages import Stages
 from kdcli.engine.teacher_pass import teacher_mode, teacher_needs
 from kdcli.errors import KdError
@@ -59,6 +60,8 @@ class Schedule:
     milestones: list[int]
     lr_decay: float
     log_every: int = 20
+    optimizer: str = "sgd"  # or "dot" (kdcli.engine.dot)
+    dot_delta: float = 0.075
 
 
 @dataclass
@@ -178,10 +181,7 @@ class Trainer:
         self.method_fn = distributed.wrap(method, world, device, heads=True)
         self.teacher_fn = torch.compile(self.teacher) if compile and self.teacher is not None else self.teacher
         params = list(student.parameters()) + method.trainable_parameters()
-        self.optimizer = torch.optim.SGD(
-            params, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay,
-            **_fast_step(device),
-        )
+        self.optimizer = build_optimizer(params, schedule, **_fast_step(device))  # SGD, or DOT (--optimizer dot)
         self.stages = Stages(method, student, schedule, self.optimizer)  # init stage (if any), then main
         self.active_optimizer = self.optimizer
         self.best_top1 = -1.0
@@ -312,10 +312,7 @@ class Trainer:
                 t_out = _as_normal_tensors(t_out)
             s_out = run_network(self.student_fn, batch, needs)
             terms = self.method_fn(s_out, t_out, batch)
-        loss = sum(terms.values())
-        self.active_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.active_optimizer.step()
+        optimize(self.active_optimizer, terms)
         return terms, s_out.logits[: batch.y.numel()]
 
     def _diverged(self, epoch: int, step: int, terms: dict[str, float]) -> None:
@@ -391,6 +388,7 @@ def peak_memory_mb(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
 
 
 def _fast_step(device: torch.device) -> dict[str, bool]:
