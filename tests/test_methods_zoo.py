@@ -405,3 +405,52 @@ def test_short_digits_run_through_kd_distill_learns(kd, digits_teacher, tmp_path
 @pytest.mark.parametrize("method, extra", SLOW_RUNS)
 def test_short_digits_run_through_kd_distill_learns_slow(kd, digits_teacher, tmp_path, method, extra):
     _check_run(*_distill_digits(kd, digits_teacher, tmp_path, method, *extra), method, extra)
+
+
+# ---- presets ------------------------------------------------------------------------------------
+
+def _preset(name):
+    from kdcli.config import load_preset
+    from kdcli.methods.base import resolve_hparams
+
+    config = build_config(load_preset(name))
+    assert (config.data, config.epochs, config.batch_size, config.milestone_epochs()) == ("cifar100", 240, 64, [150, 180, 210])
+    return config, resolve_hparams(method_class(config.method), config.options)
+
+
+@pytest.mark.parametrize("pair, beta", [("res32x4-res8x4", 5.0), ("res56-res20", 0.6), ("res110-res32", 1.0),
+                                        ("wrn40_2-wrn16_2", 5.0), ("wrn40_2-wrn40_1", 5.0), ("res32x4-shv1", 5.0),
+                                        ("wrn40_2-shv1", 5.0), ("res32x4-shv2", 8.0)])
+def test_reviewkd_pair_presets_hold_the_official_weights(pair, beta):
+    config, hp = _preset(f"cifar100-reviewkd-{pair}")
+    assert config.method == "reviewkd" and (hp["beta"], hp["warmup"], hp["ce"], hp["kd"]) == (beta, 20, 1.0, 0.0)
+    assert config.lr == (0.01 if "shv" in pair else 0.05)
+
+
+@pytest.mark.parametrize("pair, beta", [("res56-res20", 2.0), ("res110-res32", 2.0), ("vgg13-vgg8", 2.0),
+                                        ("vgg13-mv2", 2.0), ("wrn40_2-wrn16_2", 2.0), ("wrn40_2-wrn40_1", 2.0),
+                                        ("wrn40_2-shv1", 2.0), ("res32x4-res8x4", 8.0), ("res32x4-shv1", 8.0),
+                                        ("res32x4-shv2", 8.0)])
+def test_itkd_dkd_pair_presets_hold_per_teacher_betas(pair, beta):
+    config, hp = _preset(f"cifar100-itkd-dkd-{pair}")
+    assert config.method == "itkd" and hp["host"] == "dkd" and hp["dkd_beta"] == beta and hp["dkd_alpha"] == 1.0
+    assert config.lr == (0.05 if "shv" in pair or "mv2" not in pair else 0.01)  # ITKD: 0.05 for ShuffleNets too
+
+
+def test_dist_ofd_and_crd_kd_presets():
+    for pair in ("res56-res20", "wrn40_2-wrn40_1", "res32x4-res8x4", "r50-mv2", "res32x4-shv1", "res32x4-shv2"):
+        config, hp = _preset(f"cifar100-dist-{pair}")
+        assert (hp["tau"], hp["beta"], hp["ce"]) == (4.0, 2.0, 1.0)
+    config, hp = _preset("cifar100-ofd-res32x4-res8x4")
+    assert hp["beta"] == 1e-3
+    config, hp = _preset("cifar100-crd-kd")
+    assert config.method == "crd" and (hp["ce"], hp["kd"], hp["beta"]) == (1.0, 1.0, 0.8)
+
+
+def test_bench_grids_cover_the_repdistiller_and_mdistiller_methods():
+    from kdcli.config import load_preset
+
+    bench = load_preset("cifar100-bench")["compare"]["methods"]
+    assert {"cc", "vid", "ab", "ft", "nst", "fitnet", "at", "sp", "rkd", "pkt", "crd", "kd"} <= set(bench)
+    assert load_preset("cifar100-bench-fsp")["compare"]["methods"] == ["fsp"]
+    assert {"ofd", "reviewkd", "dist", "dkd"} <= set(load_preset("cifar100-bench-mdistiller")["compare"]["methods"])
