@@ -51,6 +51,9 @@ def run(config: RunConfig, overwrite: bool = False, resume: bool = False, report
     device = resolve_device(config.device)
     if world.enabled and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
+    if world.enabled and config.optimizer == "dot":
+        raise KdError("--optimizer dot runs in one process only (its two backward passes bypass DDP's gradient sync)",
+                      "drop --nproc, or use --optimizer sgd")
     cls = method_class(config.method)
     resolve_hparams(cls, config.options)  # reject bad --set values before any slow work
     check_architecture_name(config.student)

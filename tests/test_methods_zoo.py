@@ -454,3 +454,24 @@ def test_bench_grids_cover_the_repdistiller_and_mdistiller_methods():
     assert {"cc", "vid", "ab", "ft", "nst", "fitnet", "at", "sp", "rkd", "pkt", "crd", "kd"} <= set(bench)
     assert load_preset("cifar100-bench-fsp")["compare"]["methods"] == ["fsp"]
     assert {"ofd", "reviewkd", "dist", "dkd"} <= set(load_preset("cifar100-bench-mdistiller")["compare"]["methods"])
+
+
+# ---- data-parallel (gloo) ------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, extra", [("ab", ["--set", "init_epochs=1"]), ("ofd", []), ("reviewkd", [])])
+def test_two_process_runs_of_staged_and_teacher_bn_methods(tiny_teacher, tmp_path, method, extra):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / method
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "kdcli", "distill", "--teacher", tiny_teacher, "--student", "resnet8",
+                           "--method", method, *extra, "--data", TINY_DATA, "--epochs", "2", "--batch-size", "32",
+                           "--device", "cpu", "--nproc", "2", "--out", str(out), "--json"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["processes"] == 2
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 + bool(extra)

@@ -14,10 +14,31 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from kdcli.engine.schedule import multistep_lr
 from kdcli.methods.base import Method
+
+
+class AveragedSGD(torch.optim.SGD):
+    """SGD whose step first averages the gradients over the processes of a DDP run.
+
+    The init stage trains a subset of the parameters (no classifier, or no student at all), which
+    DDP's gradient hooks cannot handle without `find_unused_parameters`; so its backward runs
+    outside DDP's sync (`require_backward_grad_sync` off) and the gradients are averaged here.
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            size = dist.get_world_size()
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad)
+                        p.grad.div_(size)
+        return super().step(closure)
 
 
 @dataclass(frozen=True)
@@ -27,8 +48,11 @@ class Stage:
 
 
 class Stages:
-    def __init__(self, method: Method, student: nn.Module, schedule, main_optimizer: torch.optim.Optimizer):
+    def __init__(self, method: Method, student: nn.Module, schedule, main_optimizer: torch.optim.Optimizer,
+                 wrapped: tuple[nn.Module, ...] = ()):
+        """`wrapped`: the DDP wrappers of the student and the method (when running under torchrun)."""
         self.method = method
+        self.ddp = [m for m in wrapped if isinstance(m, nn.parallel.DistributedDataParallel)]
         self.schedule = schedule
         self.main_optimizer = main_optimizer
         self.init_epochs = method.init_epochs()
@@ -36,7 +60,7 @@ class Stages:
         self.current = Stage("main", 1)
         if self.init_epochs:
             self.init_lr = method.init_lr(schedule.lr)
-            self.init_optimizer = torch.optim.SGD(
+            self.init_optimizer = AveragedSGD(
                 method.init_parameters(student), lr=self.init_lr,
                 momentum=schedule.momentum, weight_decay=schedule.weight_decay,
             )
@@ -62,6 +86,8 @@ class Stages:
             self.method.on_epoch_start(stage.epoch, s.epochs)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        for module in self.ddp:
+            module.require_backward_grad_sync = stage.name == "main"
         return stage, lr, optimizer
 
     @property

@@ -182,7 +182,8 @@ class Trainer:
         self.teacher_fn = torch.compile(self.teacher) if compile and self.teacher is not None else self.teacher
         params = list(student.parameters()) + method.trainable_parameters()
         self.optimizer = build_optimizer(params, schedule, **_fast_step(device))  # SGD, or DOT (--optimizer dot)
-        self.stages = Stages(method, student, schedule, self.optimizer)  # init stage (if any), then main
+        # init stage (if any), then main
+        self.stages = Stages(method, student, schedule, self.optimizer, wrapped=(self.student_fn, self.method_fn))
         self.active_optimizer = self.optimizer
         self.best_top1 = -1.0
         self.best_epoch = 0
