@@ -512,6 +512,10 @@ def _top_singular(feature: Tensor, n: int) -> tuple[Tensor, Tensor]:
     """The first n right-singular vectors [B, C, n] of the (positions x channels) matrix, and the
     singular values [B, n], each L2-normalised (non-finite entries zeroed first)."""
     x = feature.reshape(feature.shape[0], feature.shape[1], -1).transpose(1, 2)  # [B, H*W, C]
+    if x.requires_grad:
+        # SVD backward is unstable for (near-)repeated singular values: zero such gradients
+        # instead of letting a NaN reach the weights
+        x.register_hook(_finite)
     _, sigma, vh = torch.linalg.svd(x, full_matrices=False)
     v = _finite(vh.transpose(1, 2)[:, :, :n])
     return F.normalize(v, p=2, dim=1), F.normalize(_finite(sigma[:, :n]), p=2, dim=1)
