@@ -90,6 +90,10 @@ class Stages:
             module.require_backward_grad_sync = stage.name == "main"
         return stage, lr, optimizer
 
+    def image_edits(self, stage: Stage):
+        """The method's temporary training-image edits for this epoch (main stage only), or None."""
+        return self.method.image_edits(stage.epoch) if stage.name == "main" else None
+
     @property
     def student_trains(self) -> bool:
         """Train mode for the student this epoch (off in an init stage that leaves it untouched, FT)."""

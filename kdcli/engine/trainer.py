@@ -35,6 +35,7 @@ from kdcli.engine.precision import autocast, classifier_in_fp32
 from kdcli.engine.rundir import RunDir
 from kdcli.engine.signals import StopRequest
 from kdcli.engine.dot import build_optimizer, optimize
+from kdcli.engine.image_edits import edited_images
 from kdcli.engine.stages import Stages
 from kdcli.engine.teacher_pass import teacher_mode, teacher_needs
 from kdcli.errors import KdError
@@ -214,7 +215,8 @@ class Trainer:
         stage, lr, self.active_optimizer = self.stages.begin(epoch)
         started = time.perf_counter()
         sums = EpochSums.from_state(partial["sums"], self.device) if partial else EpochSums()
-        train = self._train_epoch(epoch, sums)
+        with edited_images(self.train_loader, self.stages.image_edits(stage)):
+            train = self._train_epoch(epoch, sums)
         val = evaluate(self.eval_fn, self.val_loader)
         if stage.name == "main" and val.top1 > self.best_top1:
             self.best_top1, self.best_epoch = val.top1, epoch

@@ -124,6 +124,11 @@ class Method(nn.Module):
         """Optimizers the method steps itself (e.g. an RL agent's Adam); checkpointed by the engine."""
         return {}
 
+    def image_edits(self, epoch: int) -> tuple[Tensor, Tensor, Tensor] | None:
+        """(targets, sources, rho) to mix into the in-memory training images for 1-based main `epoch`
+        only (image[t] = rho * image[s] + (1 - rho) * image[t]; ITKD's purification), or None."""
+        return None
+
     # ---- the initialisation stage (RepDistiller --init_epochs: AB, FT, FSP, two-stage FitNet) ----
     # A method with an `init_epochs` option > 0 gets that many epochs before the main ones, with
     # its own SGD over `init_parameters` at the constant lr `init_lr`, minimising `init_terms`.
