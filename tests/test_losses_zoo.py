@@ -365,3 +365,8 @@ def test_kdsvd_gradient_stays_finite_for_repeated_singular_values(monkeypatch):
     s, t = _equal_singular_values_case()
     L.kdsvd_loss(s, t).backward()
     assert not all(torch.isfinite(x.grad).all() for x in s)
+
+
+def test_cc_loss_of_a_single_sample_is_zero_not_nan():
+    value = L.cc_loss(rand(1, 3, seed=140).requires_grad_(), rand(1, 3, seed=141))
+    assert float(value) == 0.0

@@ -475,3 +475,16 @@ def test_two_process_runs_of_staged_and_teacher_bn_methods(tiny_teacher, tmp_pat
     assert json.loads(done.stdout)["processes"] == 2
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 2 + bool(extra)
+
+
+def test_ofd_teacher_bn_eval_option_turns_batch_statistics_off():
+    s_net, t_net = _nets()
+    assert _method("ofd", s_net, t_net).needs.teacher_batch_stats
+    assert not _method("ofd", s_net, t_net, teacher_bn_eval="true").needs.teacher_batch_stats
+
+
+def test_ofd_refuses_a_teacher_without_known_stage_bns():
+    from kdcli.models.prerelu import stage_bns
+
+    with pytest.raises(KdError, match="BatchNorm"):
+        stage_bns(create_model("ShuffleV1", num_classes=4))
