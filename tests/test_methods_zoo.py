@@ -27,7 +27,7 @@ from kdcli.methods import Shapes, list_methods, method_class
 from kdcli.models import create_model
 from kdcli.models.features import forward_outputs
 from kdcli.models.prerelu import stage_bns
-from kdcli.weights import save_model
+from kdcli.teachers import save_model
 from tests.conftest import DIGITS_TEACHER_ARCH, LEARNED_TOP1, MEASURED_FIELDS, TINY_DATA
 
 NEW = ["cc", "vid", "ab", "ft", "fsp", "nst", "ofd", "reviewkd", "kdsvd", "dist"]

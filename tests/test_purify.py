@@ -13,7 +13,7 @@ from kdcli.engine.image_edits import edited_images
 from kdcli.errors import KdError
 from kdcli.methods.purify import Purifier
 from kdcli.models import create_model
-from kdcli.weights import save_model
+from kdcli.teachers import save_model
 from tests.conftest import MEASURED_FIELDS, TINY_DATA
 
 
