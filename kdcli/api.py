@@ -27,6 +27,8 @@ from kdcli.models import create_model, default_lr, list_models
 from kdcli.models.registry import pretrained_input
 from kdcli.models.features import classifier_of, forward_outputs
 from kdcli.models.fold import fold_batchnorm
+from kdcli.logs import RunLogs, Tee, check_loggers
+from kdcli.recipe import recipe_rows
 from kdcli.report import ConsoleReporter, SilentReporter
 from kdcli.store import find_teacher, register_teacher
 from kdcli.profiling import count_params, profile
@@ -53,6 +55,7 @@ def run(config: RunConfig, overwrite: bool = False, resume: bool = False, report
     cls = method_class(config.method)
     resolve_hparams(cls, config.options)  # reject bad --set values before any slow work
     check_architecture_name(config.student)
+    check_loggers(config.log)
     bundle = build_data(config.data, data_dir=config.data_dir, download=config.download)
     if config.pretrained:
         bundle = with_pretrained_input(bundle, config.student, config.teacher if config.command == "distill" else None)
@@ -81,13 +84,27 @@ def run(config: RunConfig, overwrite: bool = False, resume: bool = False, report
         save_model(path, student, top1=f"{top1:.4f}", **metadata)
 
     title = f"{config.teacher} -> {config.student} [{config.method}]" if teacher else f"train {config.student}"
-    if not world.is_main:
+    schedule = schedule_of(config)
+    precision = resolve_precision(config.precision, device)
+    if world.is_main:
+        lr_schedule = schedule.lr_schedule(len(train_loader))
+        logs = RunLogs(run_dir, config.log, config.to_dict(), len(train_loader),
+                       lambda epoch, batch: lr_schedule.at(lr_schedule.step_of(epoch, (batch - 1) // config.accumulate)))
+        reporter = Tee(logs, reporter or ConsoleReporter(title))
+        rows = recipe_rows(
+            config, train_size=len(bundle.train), val_size=len(bundle.val), num_classes=bundle.num_classes,
+            input_size=bundle.input_size, lr=schedule.lr, steps_per_epoch=lr_schedule.steps_per_epoch,
+            hparams=method.hp, device=str(device), precision=precision, processes=world.size,
+        )
+        if hasattr(reporter, "recipe"):
+            reporter.recipe(rows)
+    else:
         reporter = SilentReporter()
     trainer = Trainer(
-        student, teacher, method, train_loader, val_loader, schedule_of(config), run_dir,
-        reporter or ConsoleReporter(title), save_weights,
+        student, teacher, method, train_loader, val_loader, schedule, run_dir,
+        reporter, save_weights,
         device=device,
-        precision=resolve_precision(config.precision, device),
+        precision=precision,
         fingerprint=config_fingerprint(run_dir.config.read_text()),
         compile=config.compile,
         resume_command=f"kd {config.command}",
@@ -102,6 +119,9 @@ def run(config: RunConfig, overwrite: bool = False, resume: bool = False, report
     history = run_dir.read_metrics()
     last = history[-1]
     save_weights(run_dir.path / weights_name, last["val_top1"])
+    ema_weights = run_dir.path / weights_name.replace(".safetensors", "_ema.safetensors")
+    if trainer.ema is not None:
+        save_model(ema_weights, trainer.ema.module, top1=f"{last['val_ema_top1']:.4f}", **metadata, ema=str(config.ema))
     summary = {
         "command": config.command,
         "run_dir": str(run_dir.path),
@@ -128,6 +148,7 @@ def run(config: RunConfig, overwrite: bool = False, resume: bool = False, report
         "processes": world.size,
         "peak_memory_mb": max(m["peak_memory_mb"] for m in history),
         "weights": str(run_dir.path / weights_name),
+        **({"ema_top1": last["val_ema_top1"], "ema_weights": str(ema_weights)} if trainer.ema is not None else {}),
         "kdcli_version": __version__,
     }
     run_dir.write_summary(summary)
@@ -177,7 +198,7 @@ def build_training(
 
 
 def schedule_of(config: RunConfig) -> Schedule:
-    """The lr schedule and SGD settings of `config`."""
+    """The optimizer, lr schedule and step settings of `config`."""
     return Schedule(
         epochs=config.epochs,
         lr=config.lr or default_lr(config.student),
@@ -185,6 +206,14 @@ def schedule_of(config: RunConfig) -> Schedule:
         weight_decay=config.weight_decay,
         milestones=config.milestone_epochs(),
         lr_decay=config.lr_decay,
+        optimizer=config.optimizer,
+        schedule=config.schedule,
+        warmup_epochs=config.warmup_epochs,
+        min_lr=config.min_lr,
+        step_size=config.step_size,
+        clip_grad=config.clip_grad,
+        accumulate=config.accumulate,
+        ema=config.ema,
     )
 
 
@@ -322,9 +351,11 @@ def build_method(
     teacher_shapes = shapes_of(teacher, x) if teacher is not None else Shapes()
     head = classifier_of(teacher) if cls.needs.teacher_head and teacher is not None else None
     torch.manual_seed(config.seed + 1)
-    return cls(
+    method = cls(
         student_shapes, teacher_shapes, len(train_labels), teacher_head=head, train_labels=train_labels, **config.options
     )
+    method.label_smoothing = config.label_smoothing
+    return method
 
 
 def evaluate_checkpoint(

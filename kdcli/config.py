@@ -39,6 +39,17 @@ class RunConfig:
     weight_decay: float = 5e-4
     milestones: list[int] | None = None  # None: 150/180/210 of 240, scaled to --epochs
     lr_decay: float = 0.1
+    # Recipes beyond the CIFAR protocol (timm's train.py names; README "Training recipes").
+    optimizer: str = "sgd"  # sgd | adamw (kdcli.engine.optim registry)
+    schedule: str = "multistep"  # multistep | cosine | step | constant (kdcli.engine.schedule)
+    warmup_epochs: float = 0.0  # linear warm-up, per optimizer step, before the schedule
+    min_lr: float = 0.0  # where cosine ends
+    step_size: int = 30  # epochs between decays of the `step` schedule
+    label_smoothing: float = 0.0  # of the ce term
+    clip_grad: float | None = None  # max total gradient norm; None: no clipping
+    accumulate: int = 1  # batches per optimizer step (effective batch = batch_size * accumulate * processes)
+    ema: float | None = None  # decay of the student's weight EMA; None: no EMA
+    log: list[str] = field(default_factory=list)  # extra loggers: tensorboard, wandb
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 autocast where the hardware has fast bf16, else fp32
@@ -66,18 +77,40 @@ class RunConfig:
             (0 < self.lr_decay <= 1, "lr-decay", self.lr_decay, "in (0, 1]"),
             (self.workers >= 0, "workers", self.workers, "0 or more"),
         ]
+        checks += [
+            (self.warmup_epochs >= 0, "warmup-epochs", self.warmup_epochs, "0 or more"),
+            (self.min_lr >= 0, "min-lr", self.min_lr, "0 or more"),
+            (self.step_size >= 1, "step-size", self.step_size, "at least 1"),
+            (0 <= self.label_smoothing < 1, "label-smoothing", self.label_smoothing, "in [0, 1)"),
+            (self.clip_grad is None or self.clip_grad > 0, "clip-grad", self.clip_grad, "a positive number"),
+            (self.accumulate >= 1, "accumulate", self.accumulate, "at least 1"),
+            (self.ema is None or 0 < self.ema < 1, "ema", self.ema, "a decay in (0, 1), e.g. 0.9998"),
+        ]
         for ok, name, value, expected in checks:
             if not ok:
                 raise KdError(f"--{name} {value} is invalid", f"use {expected}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise KdError(f"--precision {self.precision!r} is invalid", "use auto, fp32 or bf16")
+        self._validate_recipe()
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise KdError(f"--device {self.device!r} is invalid", "use auto, cpu, cuda or cuda:N")
+
+    def _validate_recipe(self) -> None:
+        from kdcli.engine.optim import optimizer_names
+        from kdcli.engine.schedule import SCHEDULES
+
+        for flag, value, allowed in (("optimizer", self.optimizer, optimizer_names()), ("schedule", self.schedule, SCHEDULES)):
+            if value not in allowed:
+                raise KdError(f"--{flag} {value!r} is invalid", did_you_mean(value, allowed))
+        for name in self.log:
+            if name not in LOGGERS:
+                raise KdError(f"--log {name!r} is invalid", did_you_mean(name, LOGGERS))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
+LOGGERS = ("tensorboard", "wandb")
 FIELD_NAMES = {f.name for f in fields(RunConfig)}
 # Tables a preset may hold for one command only; RunConfig ignores them (`[compare]`: the grid of kd compare).
 COMMAND_TABLES = {"compare"}

@@ -109,6 +109,12 @@ class ConsoleReporter:
     def note(self, text: str) -> None:
         self.console.print(text, markup=False, soft_wrap=True)
 
+    def recipe(self, rows: list[tuple[str, str]]) -> None:
+        """The resolved recipe before the first epoch, one `name  value` line each (a log file keeps it)."""
+        width = max((len(name) for name, _ in rows), default=0)
+        for name, value in rows:
+            self.console.print(f"  {name:<{width}}  {value}", markup=False, soft_wrap=True)
+
     def finish(self) -> None:
         if self.progress is not None:
             self.progress.stop()
@@ -122,6 +128,7 @@ class SilentReporter:
     def step(self, epoch: int, step: int, images: int, loss: float | None = None) -> None: ...
     def epoch_end(self, metrics: dict[str, Any]) -> None: ...
     def note(self, text: str) -> None: ...
+    def recipe(self, rows: list[tuple[str, str]]) -> None: ...
     def finish(self) -> None: ...
 
 

@@ -33,7 +33,9 @@ from kdcli.engine.checkpoint import load_state, rng_state, save_state, set_rng_s
 from kdcli.engine.evaluate import Evaluation, evaluate
 from kdcli.engine.precision import autocast, classifier_in_fp32
 from kdcli.engine.rundir import RunDir
-from kdcli.engine.schedule import multistep_lr
+from kdcli.engine.ema import ModelEma
+from kdcli.engine.optim import GradientStep, OptimizerSettings, build_optimizer
+from kdcli.engine.schedule import LrSchedule
 from kdcli.engine.signals import StopRequest
 from kdcli.errors import KdError
 from kdcli.methods.base import Method, Needs
@@ -58,6 +60,23 @@ class Schedule:
     milestones: list[int]
     lr_decay: float
     log_every: int = 20
+    optimizer: str = "sgd"
+    schedule: str = "multistep"
+    warmup_epochs: float = 0.0
+    min_lr: float = 0.0
+    step_size: int = 30
+    clip_grad: float | None = None
+    accumulate: int = 1
+    ema: float | None = None
+
+    def optimizer_settings(self) -> OptimizerSettings:
+        return OptimizerSettings(self.optimizer, self.lr, self.momentum, self.weight_decay)
+
+    def lr_schedule(self, batches_per_epoch: int) -> LrSchedule:
+        return LrSchedule(
+            self.schedule, self.lr, self.epochs, GradientStep.steps_per_epoch(batches_per_epoch, self.accumulate),
+            self.milestones, self.lr_decay, self.step_size, self.warmup_epochs, self.min_lr,
+        )
 
 
 @dataclass
@@ -67,20 +86,22 @@ class EpochSums:
     terms: dict[str, Tensor] = field(default_factory=dict)
     correct: Tensor | None = None
     samples: int = 0
+    correct5: Tensor | None = None
     steps: int = 0
     seconds: float = 0.0
 
-    def add(self, terms: dict[str, Tensor], correct: Tensor, samples: int) -> None:
+    def add(self, terms: dict[str, Tensor], correct: Tensor, samples: int, correct5: Tensor | None = None) -> None:
         for name, value in terms.items():
             value = value.detach().float()
             self.terms[name] = self.terms[name] + value if name in self.terms else value
         self.correct = correct if self.correct is None else self.correct + correct
+        self.correct5 = correct5 if self.correct5 is None else self.correct5 + correct5
         self.samples += samples
         self.steps += 1
 
     def state(self) -> dict[str, Any]:
         return {"terms": self.terms, "correct": self.correct, "samples": self.samples,
-                "steps": self.steps, "seconds": self.seconds}
+                "steps": self.steps, "seconds": self.seconds, "correct5": self.correct5}
 
     @classmethod
     def from_state(cls, state: dict[str, Any], device: torch.device) -> "EpochSums":
@@ -88,6 +109,7 @@ class EpochSums:
             {k: v.to(device) for k, v in state["terms"].items()},
             None if state["correct"] is None else state["correct"].to(device),
             state["samples"], state["steps"], state["seconds"],
+            None if state.get("correct5") is None else state["correct5"].to(device),
         )
 
 
@@ -176,10 +198,13 @@ class Trainer:
         self.student_fn = distributed.wrap(self.eval_fn, world, device)
         self.method_fn = distributed.wrap(method, world, device, heads=True)
         self.teacher_fn = torch.compile(self.teacher) if compile and self.teacher is not None else self.teacher
-        params = list(student.parameters()) + method.trainable_parameters()
-        self.optimizer = torch.optim.SGD(
-            params, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay,
-            **_fast_step(device),
+        # One optimizer and schedule for the student and the method's heads (kdcli.engine.optim).
+        self.optimizer = build_optimizer(schedule.optimizer_settings(), student, method.trainable_parameters(), device)
+        self.lr_schedule = schedule.lr_schedule(len(train_loader))
+        self.ema = ModelEma(student, schedule.ema) if schedule.ema else None
+        self.gradient_step = GradientStep(
+            self.optimizer, self.lr_schedule, schedule.accumulate, schedule.clip_grad,
+            after_step=(lambda: self.ema.update(self.student)) if self.ema is not None else None,
         )
         self.best_top1 = -1.0
         self.best_epoch = 0
@@ -208,9 +233,7 @@ class Trainer:
 
     def _epoch(self, epoch: int, partial: dict[str, Any] | None) -> dict[str, Any]:
         s = self.schedule
-        lr = multistep_lr(s.lr, epoch, s.milestones, s.lr_decay)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = self.lr_schedule.epoch_lr(epoch)
         self.method.on_epoch_start(epoch, s.epochs)
         started = time.perf_counter()
         sums = EpochSums.from_state(partial["sums"], self.device) if partial else EpochSums()
@@ -228,6 +251,7 @@ class Trainer:
             "val_top1": val.top1,
             "val_top5": val.top5,
             "val_loss": val.loss,
+            **self._ema_metrics(),
             "best_top1": self.best_top1,
             "best_epoch": self.best_epoch,
             "epoch_time_s": time.perf_counter() - started,
@@ -251,8 +275,9 @@ class Trainer:
         window_steps = 0
         started = time.perf_counter()
         for step, batch in enumerate(self.train_loader, start=sums.steps + 1):
-            terms, logits = self._step(batch)
-            sums.add(terms, (logits.detach().argmax(dim=1) == batch.y).sum(), batch.y.numel())
+            terms, logits = self._step(batch, epoch, step, total)
+            top1, top5 = _correct(logits.detach(), batch.y)
+            sums.add(terms, top1, batch.y.numel(), top5)
             for name, value in terms.items():
                 window[name] = window[name] + value.detach().float() if name in window else value.detach().float()
             window_steps += 1
@@ -267,7 +292,7 @@ class Trainer:
             self.reporter.step(epoch, step, batch.y.numel() * self.world.size, loss)
             # One process stops at any step; ranks agree on stopping at a log step, where they sync anyway.
             stop = self.stop.requested if not self.world.enabled else logging and distributed.any_rank(self.stop.requested, self.device)
-            if stop and step < total:
+            if stop and step < total and self.gradient_step.boundary(step, total):  # never inside an accumulation
                 unchecked = {name: value.item() for name, value in window.items()}  # steps since the last log
                 if not all(math.isfinite(v) for v in unchecked.values()):
                     self._diverged(epoch, step, unchecked)  # never checkpoint a diverged state
@@ -281,12 +306,14 @@ class Trainer:
         sums.seconds += time.perf_counter() - started
         size = self.world.size
         means = {f"train_{name}": value.item() / (sums.steps * size) for name, value in self._reduced(sums.terms).items()}
-        counts = self._reduced({"c": sums.correct.float(), "n": torch.tensor(float(sums.samples), device=self.device)})
+        counts = self._reduced({"c": sums.correct.float(), "c5": sums.correct5.float(),
+                                "n": torch.tensor(float(sums.samples), device=self.device)})
         samples = int(counts["n"].item())
         return {
             "train_loss": sum(means.values()),
             **means,
             "train_top1": 100.0 * counts["c"].item() / samples if samples else 0.0,
+            "train_top5": 100.0 * counts["c5"].item() / samples if samples else 0.0,
             "train_samples": samples,
         }
 
@@ -295,8 +322,9 @@ class Trainer:
         if not self.world.enabled:
             return sums
         mean = {k: v / self.world.size for k, v in self._reduced(sums.terms).items()}
-        correct = self._reduced({"c": sums.correct.float()})["c"] / self.world.size
-        return EpochSums(mean, correct, sums.samples, sums.steps, sums.seconds)
+        correct = self._reduced({"c": sums.correct.float(), "c5": sums.correct5.float()})
+        return EpochSums(mean, correct["c"] / self.world.size, sums.samples, sums.steps, sums.seconds,
+                         correct["c5"] / self.world.size)
 
     def _reduced(self, values: dict[str, Tensor]) -> dict[str, Tensor]:
         """Sums over ranks, in one collective (values unchanged in a single process)."""
@@ -306,7 +334,7 @@ class Trainer:
         total = distributed.all_reduce_sum(torch.stack([values[n].float().reshape(()) for n in names]))
         return dict(zip(names, total))
 
-    def _step(self, batch: Batch) -> tuple[dict[str, Tensor], Tensor]:
+    def _step(self, batch: Batch, epoch: int, step: int, total: int) -> tuple[dict[str, Tensor], Tensor]:
         needs = self.method.needs
         with autocast(self.device, self.precision):
             t_out = None
@@ -316,11 +344,15 @@ class Trainer:
                 t_out = _as_normal_tensors(t_out)
             s_out = run_network(self.student_fn, batch, needs)
             terms = self.method_fn(s_out, t_out, batch)
-        loss = sum(terms.values())
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.gradient_step(sum(terms.values()), epoch, step, total)
         return terms, s_out.logits[: batch.y.numel()]
+
+    def _ema_metrics(self) -> dict[str, float]:
+        """Validation of the student's weight EMA (`--ema`), beside the raw student's."""
+        if self.ema is None:
+            return {}
+        result = evaluate(self.ema.module, self.val_loader)
+        return {"val_ema_top1": result.top1, "val_ema_top5": result.top5, "val_ema_loss": result.loss}
 
     def _diverged(self, epoch: int, step: int, terms: dict[str, float]) -> None:
         described = ", ".join(f"{name}={value:.4g}" for name, value in terms.items())
@@ -351,6 +383,7 @@ class Trainer:
             "best_top1": self.best_top1,
             "best_epoch": self.best_epoch,
             "rng": rng_state(),
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
         }
         if self.world.is_main:
             save_state(self.run.last, state)
@@ -380,6 +413,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         for name, optimizer in self.method.own_optimizers().items():
             optimizer.load_state_dict(state["method_optimizers"][name])
+        if self.ema is not None:
+            self.ema.module.load_state_dict(state["ema"])
         self.best_top1, self.best_epoch = state["best_top1"], state["best_epoch"]
         set_rng_state(state["rng"])
         self.run.truncate_metrics(state["epoch"])
@@ -395,8 +430,8 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _fast_step(device: torch.device) -> dict[str, bool]:
-    """One fused kernel for the whole SGD update on CUDA; the multi-tensor path elsewhere."""
-    if device.type == "cuda":
-        return {"fused": True}
-    return {"foreach": True}
+def _correct(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """(top-1 hits, top-5 hits) of a batch, as device tensors."""
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    hits = top == target[:, None]
+    return hits[:, 0].sum(), hits.any(dim=1).sum()

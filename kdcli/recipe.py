@@ -1,0 +1,60 @@
+"""The resolved recipe of a run in a few lines, printed at its start so that a log file alone tells what ran."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kdcli.config import RunConfig
+
+
+def _num(value: float) -> str:
+    return f"{value:g}"
+
+
+def optimizer_line(config: RunConfig, lr: float) -> str:
+    if config.optimizer == "sgd":
+        text = f"sgd lr {_num(lr)}, momentum {_num(config.momentum)}, weight decay {_num(config.weight_decay)}"
+    else:
+        text = f"{config.optimizer} lr {_num(lr)}, weight decay {_num(config.weight_decay)} (not on norms and biases)"
+    if config.clip_grad is not None:
+        text += f", clip grad norm {_num(config.clip_grad)}"
+    return text
+
+
+def schedule_line(config: RunConfig, steps_per_epoch: int) -> str:
+    kind = {
+        "multistep": f"multistep x{_num(config.lr_decay)} at epochs {'/'.join(map(str, config.milestone_epochs()))}",
+        "step": f"step x{_num(config.lr_decay)} every {config.step_size} epochs",
+        "cosine": f"cosine to {_num(config.min_lr)} (per step)",
+        "constant": "constant",
+    }[config.schedule]
+    warm = f", linear warm-up {_num(config.warmup_epochs)} epochs" if config.warmup_epochs else ""
+    return f"{kind}{warm}; {config.epochs} epochs x {steps_per_epoch} optimizer steps"
+
+
+def recipe_rows(
+    config: RunConfig, *, train_size: int, val_size: int, num_classes: int, input_size: tuple[int, int],
+    lr: float, steps_per_epoch: int, hparams: dict[str, Any], device: str, precision: str, processes: int,
+) -> list[tuple[str, str]]:
+    """(name, value) lines: data, batch, optimizer, schedule, loss, EMA, hardware, logs."""
+    effective = config.batch_size * config.accumulate * processes
+    batch = f"{config.batch_size}"
+    if config.accumulate > 1 or processes > 1:
+        batch += f" x {config.accumulate} accumulated x {processes} processes = {effective} per optimizer step"
+    loss = ", ".join(f"{k}={v}" for k, v in hparams.items())
+    if config.label_smoothing:
+        loss += f"; label smoothing {_num(config.label_smoothing)}"
+    rows = [
+        ("data", f"{config.data}: {train_size} train / {val_size} val, {num_classes} classes, "
+                 f"{input_size[0]}x{input_size[1]}"),
+        ("batch", batch),
+        ("optimizer", optimizer_line(config, lr)),
+        ("schedule", schedule_line(config, steps_per_epoch)),
+        ("method" if config.command == "distill" else "loss", f"{config.method}: {loss}" if config.command == "distill" else loss),
+    ]
+    if config.ema is not None:
+        rows.append(("ema", f"decay {_num(config.ema)} (evaluated and saved beside the student)"))
+    rows.append(("hardware", f"{device}, {precision}, {processes} process{'es' * (processes > 1)}"
+                             f"{', compiled' if config.compile else ''}, seed {config.seed}"))
+    rows.append(("logs", ", ".join(["metrics.jsonl", "summary.csv", *config.log])))
+    return rows
