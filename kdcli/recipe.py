@@ -11,6 +11,10 @@ def _num(value: float) -> str:
     return f"{value:g}"
 
 
+def plural(count: float, noun: str) -> str:
+    return f"{_num(count)} {noun}" if count == 1 else f"{_num(count)} {noun}{'es' if noun.endswith('s') else 's'}"
+
+
 def optimizer_line(config: RunConfig, lr: float) -> str:
     if config.optimizer == "sgd":
         text = f"sgd lr {_num(lr)}, momentum {_num(config.momentum)}, weight decay {_num(config.weight_decay)}"
@@ -28,8 +32,8 @@ def schedule_line(config: RunConfig, steps_per_epoch: int) -> str:
         "cosine": f"cosine to {_num(config.min_lr)} (per step)",
         "constant": "constant",
     }[config.schedule]
-    warm = f", linear warm-up {_num(config.warmup_epochs)} epochs" if config.warmup_epochs else ""
-    return f"{kind}{warm}; {config.epochs} epochs x {steps_per_epoch} optimizer steps"
+    warm = f", linear warm-up {plural(config.warmup_epochs, 'epoch')}" if config.warmup_epochs else ""
+    return f"{kind}{warm}; {plural(config.epochs, 'epoch')} x {plural(steps_per_epoch, 'optimizer step')}"
 
 
 def recipe_rows(
@@ -40,8 +44,8 @@ def recipe_rows(
     effective = config.batch_size * config.accumulate * processes
     batch = f"{config.batch_size}"
     if config.accumulate > 1 or processes > 1:
-        batch += f" x {config.accumulate} accumulated x {processes} processes = {effective} per optimizer step"
-    loss = ", ".join(f"{k}={v}" for k, v in hparams.items())
+        batch += f" x {config.accumulate} accumulated x {plural(processes, 'process')} = {effective} per optimizer step"
+    loss = ", ".join(f"{k}={v}" for k, v in hparams.items()) if config.command == "distill" else "cross-entropy"
     if config.label_smoothing:
         loss += f"; label smoothing {_num(config.label_smoothing)}"
     rows = [
@@ -54,7 +58,7 @@ def recipe_rows(
     ]
     if config.ema is not None:
         rows.append(("ema", f"decay {_num(config.ema)} (evaluated and saved beside the student)"))
-    rows.append(("hardware", f"{device}, {precision}, {processes} process{'es' * (processes > 1)}"
+    rows.append(("device", f"{device}, {precision}, {plural(processes, 'process')}"
                              f"{', compiled' if config.compile else ''}, seed {config.seed}"))
     rows.append(("logs", ", ".join(["metrics.jsonl", "summary.csv", *config.log])))
     return rows

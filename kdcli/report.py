@@ -112,6 +112,7 @@ class ConsoleReporter:
     def recipe(self, rows: list[tuple[str, str]]) -> None:
         """The resolved recipe before the first epoch, one `name  value` line each (a log file keeps it)."""
         width = max((len(name) for name, _ in rows), default=0)
+        self.console.print("[bold]recipe[/]", soft_wrap=True)
         for name, value in rows:
             self.console.print(f"  {name:<{width}}  {value}", markup=False, soft_wrap=True)
 
