@@ -176,7 +176,8 @@ def build_training(
     and its BatchNorm folded into its convolutions; the method is built from one validation batch.
     """
     torch.manual_seed(config.seed)
-    student = create_model(config.student, num_classes=bundle.num_classes, pretrained=config.pretrained and is_external(config.student))
+    from_published = config.pretrained if config.student_pretrained is None else config.student_pretrained
+    student = create_model(config.student, num_classes=bundle.num_classes, pretrained=from_published and is_external(config.student))
     train_loader = make_loader(
         bundle.train, bundle, distributed.check_batch(config.batch_size, world), True, device, config.seed,
         config.workers, views=cls.needs.views, shard=(world.rank, world.size),

@@ -24,6 +24,7 @@ class RunConfig:
     command: str = "distill"  # "train" or "distill"
     student: str = "resnet20"  # for `kd train`: the network being trained
     pretrained: bool = False  # timm:/tv: student starts from its published weights (and a timm:/tv: teacher uses them)
+    student_pretrained: bool | None = None  # None: as `pretrained`; false: a pretrained teacher, a student from scratch (ImageNet KD)
     teacher: str | None = None
     teacher_arch: str | None = None
     method: str = "kd"

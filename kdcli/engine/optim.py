@@ -73,12 +73,8 @@ def build_optimizer(
 
 def _no_decay_names(model: nn.Module) -> set[str]:
     """Parameter names a timm model asks to keep out of weight decay (its `no_weight_decay()`)."""
-    inner = getattr(model, "model", model)  # the timm adapter wraps the timm module
-    listed = getattr(inner, "no_weight_decay", None)
-    if not callable(listed):
-        return set()
-    prefix = "model." if inner is not model else ""
-    return {prefix + name for name in listed()}
+    listed = getattr(model, "no_weight_decay", None)
+    return set(listed()) if callable(listed) else set()
 
 
 def _fused(device: torch.device) -> dict[str, bool]:
