@@ -86,9 +86,9 @@ class EpochSums:
     terms: dict[str, Tensor] = field(default_factory=dict)
     correct: Tensor | None = None
     samples: int = 0
-    correct5: Tensor | None = None
     steps: int = 0
     seconds: float = 0.0
+    correct5: Tensor | None = None  # top-5 hits
 
     def add(self, terms: dict[str, Tensor], correct: Tensor, samples: int, correct5: Tensor | None = None) -> None:
         for name, value in terms.items():
