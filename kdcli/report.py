@@ -181,6 +181,7 @@ def print_summary(summary: dict[str, Any], console: Console = stdout) -> None:
         ("epochs", summary.get("epochs")),
         ("top-1 last / best (%)", f"{fmt(summary['top1'])} / {fmt(summary['best_top1'])} (epoch {summary['best_epoch']})"),
         ("top-5 last (%)", summary["top5"]),
+        ("EMA top-1 last (%)", summary.get("ema_top1")),
         ("teacher top-1 (%)", summary.get("teacher_top1")),
         ("teacher agreement (%)", summary.get("agreement")),
         ("student params", f"{summary['student_params']:,}"),
