@@ -353,3 +353,35 @@ def test_imagenet_presets_load_and_name_real_models(name):
     resolve_hparams(method_class(config.method), config.options)  # the options are the method's
     if name == "imagenet-deit-tiny":
         assert (config.optimizer, config.schedule, config.warmup_epochs, config.label_smoothing) == ("adamw", "cosine", 5, 0.1)
+
+
+def test_log_wandb_sends_every_epoch_scalar_to_a_run_tied_to_the_folder(tmp_path, monkeypatch):
+    """A stand-in `wandb` module records what kd sends (the real one needs an account or offline files)."""
+    import importlib.machinery
+    import sys
+    import types
+
+    calls = {"init": [], "log": [], "finish": 0}
+
+    class Session:
+        def log(self, values, step):
+            calls["log"].append((step, dict(values)))
+
+        def finish(self):
+            calls["finish"] += 1
+
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.init = lambda **kw: calls["init"].append(kw) or Session()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    run = tmp_path / "run"
+    api.run(build_config({**BASE, "log": ["wandb"]}, {"out": str(run)}))
+    (init,) = calls["init"]
+    assert init["dir"] == str(run) and init["resume"] == "allow" and init["config"]["log"] == ["wandb"]
+    assert "mode" not in init  # WANDB_MODE (e.g. offline) decides, as the user set it
+    epochs = [(step, values) for step, values in calls["log"] if "val/top1" in values]
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [step for step, _ in epochs] == [4, 8]
+    assert [v["val/top1"] for _, v in epochs] == pytest.approx([m["val_top1"] for m in lines])
+    steps = [step for step, _ in calls["log"]]
+    assert steps == sorted(steps) and calls["finish"] == 1  # W&B needs a step that never decreases
