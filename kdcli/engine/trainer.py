@@ -4,8 +4,7 @@ The loop knows methods only through the `Method` base class: per batch it runs t
 in inference mode, the student, asks the method for its weighted loss terms and minimises their sum with
 one optimizer over the student and the method's own trainable parameters (kdcli.engine.optim: the
 optimizer by name, and the gradient step with accumulation, clipping, the per-step lr and the EMA
-update). Evaluation, metrics,
-checkpoints and progress happen once per epoch. Losses are accumulated on the device and read back
+update). Evaluation, metrics, checkpoints and progress happen once per epoch. Losses are accumulated on the device and read back
 only every `log_every` steps, so the step itself never waits for the host.
 
 Under torchrun the student (and the method's trainable heads) run in DistributedDataParallel,
