@@ -27,6 +27,8 @@ class RunConfig:
     student_pretrained: bool | None = None  # None: as `pretrained`; false: a pretrained teacher, a student from scratch (ImageNet KD)
     teacher: str | None = None
     teacher_arch: str | None = None
+    teacher_sha256: str | None = None  # recorded by the run: sha256 of the teacher's weights file
+    teacher_source: str | None = None  # recorded by the run: where those weights came from
     method: str = "kd"
     options: dict[str, Any] = field(default_factory=dict)  # method hyperparameters (--set)
     data: str = "cifar100"
@@ -41,7 +43,7 @@ class RunConfig:
     milestones: list[int] | None = None  # None: 150/180/210 of 240, scaled to --epochs
     lr_decay: float = 0.1
     # Recipes beyond the CIFAR protocol (timm's train.py names; README "Training recipes").
-    optimizer: str = "sgd"  # sgd | adamw (kdcli.engine.optim registry)
+    optimizer: str = "sgd"  # sgd | adamw | dot (kdcli.engine.optim registry; dot: DOT's separate task/distillation momenta)
     schedule: str = "multistep"  # multistep | cosine | step | constant (kdcli.engine.schedule)
     warmup_epochs: float = 0.0  # linear warm-up, per optimizer step, before the schedule
     min_lr: float = 0.0  # where cosine ends
@@ -51,6 +53,7 @@ class RunConfig:
     accumulate: int = 1  # batches per optimizer step (effective batch = batch_size * accumulate * processes)
     ema: float | None = None  # decay of the student's weight EMA; None: no EMA
     log: list[str] = field(default_factory=list)  # extra loggers: tensorboard, wandb
+    dot_delta: float = 0.075  # DOT's momentum gap: task mu - delta, distillation mu + delta
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 autocast where the hardware has fast bf16, else fp32
@@ -90,6 +93,11 @@ class RunConfig:
         for ok, name, value, expected in checks:
             if not ok:
                 raise KdError(f"--{name} {value} is invalid", f"use {expected}")
+        if self.optimizer not in ("sgd", "dot"):
+            raise KdError(f"--optimizer {self.optimizer!r} is invalid", "use sgd or dot")
+        if not 0 <= self.dot_delta <= self.momentum or self.momentum + self.dot_delta >= 1:
+            raise KdError(f"--dot-delta {self.dot_delta} is invalid with --momentum {self.momentum}",
+                          "use 0 <= delta <= momentum with momentum + delta < 1, e.g. 0.075")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise KdError(f"--precision {self.precision!r} is invalid", "use auto, fp32 or bf16")
         self._validate_recipe()
@@ -103,6 +111,9 @@ class RunConfig:
         for flag, value, allowed in (("optimizer", self.optimizer, optimizer_names()), ("schedule", self.schedule, SCHEDULES)):
             if value not in allowed:
                 raise KdError(f"--{flag} {value!r} is invalid", did_you_mean(value, allowed))
+        if self.optimizer == "dot" and (self.accumulate > 1 or self.clip_grad is not None):
+            raise KdError("--optimizer dot steps once per batch on its own two gradients",
+                          "drop --accumulate and --clip-grad, or use --optimizer sgd")
         for name in self.log:
             if name not in LOGGERS:
                 raise KdError(f"--log {name!r} is invalid", did_you_mean(name, LOGGERS))
@@ -113,6 +124,8 @@ class RunConfig:
 
 LOGGERS = ("tensorboard", "wandb")
 FIELD_NAMES = {f.name for f in fields(RunConfig)}
+# Written by the run itself (what the teacher was), not settings a user chooses.
+RECORDED_FIELDS = {"teacher_sha256", "teacher_source"}
 # Tables a preset may hold for one command only; RunConfig ignores them (`[compare]`: the grid of kd compare).
 COMMAND_TABLES = {"compare"}
 

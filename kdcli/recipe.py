@@ -16,8 +16,10 @@ def plural(count: float, noun: str) -> str:
 
 
 def optimizer_line(config: RunConfig, lr: float) -> str:
-    if config.optimizer == "sgd":
-        text = f"sgd lr {_num(lr)}, momentum {_num(config.momentum)}, weight decay {_num(config.weight_decay)}"
+    if config.optimizer in ("sgd", "dot"):
+        text = f"{config.optimizer} lr {_num(lr)}, momentum {_num(config.momentum)}, weight decay {_num(config.weight_decay)}"
+        if config.optimizer == "dot":
+            text += f", delta {_num(config.dot_delta)}"
     else:
         text = f"{config.optimizer} lr {_num(lr)}, weight decay {_num(config.weight_decay)} (not on norms and biases)"
     if config.clip_grad is not None:

@@ -95,7 +95,7 @@ def test_sgd_decays_everything_as_the_cifar_protocol():
     (group,) = opt.param_groups
     assert isinstance(opt, torch.optim.SGD) and group["weight_decay"] == 5e-4 and group["momentum"] == 0.9
     assert _ids(group["params"]) == _ids(list(net.parameters()) + list(head.parameters()))
-    assert {"sgd", "adamw"} <= set(optimizer_names())
+    assert {"sgd", "adamw", "dot"} <= set(optimizer_names())
 
 
 # ---- accumulation and clipping --------------------------------------------------------------------
@@ -116,7 +116,7 @@ def _train(batches: list[int], accumulate: int, optimizer: str, epochs: int = 2,
         for b, size in enumerate(batches, start=1):
             xb, yb = x[start:start + size], y[start:start + size]
             start += size
-            step(nn.functional.cross_entropy(model(xb), yb), epoch, b, len(batches))
+            step({"ce": nn.functional.cross_entropy(model(xb), yb)}, epoch, b, len(batches))
     return model
 
 
@@ -136,7 +136,7 @@ def test_clip_grad_bounds_the_update_norm():
     opt = build_optimizer(OptimizerSettings("sgd", lr=1.0, momentum=0.0, weight_decay=0.0), model, [], CPU)
     step = GradientStep(opt, LrSchedule("constant", 1.0, 1, 1), clip_grad=0.5)
     x = torch.tensor([[3.0, 4.0, 0.0, 0.0]], dtype=torch.float64)
-    step(model(x).sum(), 1, 1, 1)  # gradient (3, 4, 0, 0), norm 5 -> clipped to norm 0.5
+    step({"ce": model(x).sum()}, 1, 1, 1)  # gradient (3, 4, 0, 0), norm 5 -> clipped to norm 0.5
     torch.testing.assert_close(model.weight, torch.tensor([[1 - 0.3, 1 - 0.4, 1.0, 1.0]], dtype=torch.float64))
 
 

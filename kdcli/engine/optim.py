@@ -4,7 +4,7 @@ One factory keyed by name (`@register_optimizer("sgd")`) builds the optimizer ov
 the method's trainable parameters, so a method's heads follow the same optimizer and schedule. A new
 optimizer registers itself here and is at once a valid `--optimizer`.
 
-Weight decay: SGD decays every parameter (the CIFAR protocol of RepDistiller, reproduced exactly);
+Weight decay: SGD and DOT decay every parameter (the CIFAR protocol of RepDistiller, reproduced exactly);
 AdamW, as timm's `param_groups_weight_decay`, decays only weights of 2 or more dimensions (no norm
 scales, no biases) and skips what a timm model lists in `no_weight_decay()` (ViT's pos_embed, cls_token).
 """
@@ -30,6 +30,7 @@ class OptimizerSettings:
     weight_decay: float = 5e-4
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW (timm's and PyTorch's default)
     eps: float = 1e-8
+    dot_delta: float = 0.075  # DOT's momentum gap
 
 
 Factory = Callable[[list[dict], OptimizerSettings, torch.device], torch.optim.Optimizer]
@@ -56,7 +57,7 @@ def build_optimizer(
     """The optimizer `settings.name` over the student's and the `extra` (method) parameters."""
     params = [p for p in student.parameters() if p.requires_grad]
     skip = _no_decay_names(student)
-    if settings.name != "sgd":  # decoupled-decay optimizers: timm's grouping (see the module docstring)
+    if settings.name == "adamw":  # decoupled weight decay: timm's grouping (see the module docstring)
         named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
         params = [p for n, p in named if p.ndim > 1 and n not in skip]
         plain = [p for n, p in named if p.ndim <= 1 or n in skip]
@@ -92,6 +93,13 @@ def _adamw(groups: list[dict], s: OptimizerSettings, device: torch.device) -> to
     return torch.optim.AdamW(groups, lr=s.lr, betas=s.betas, eps=s.eps, **_fused(device))
 
 
+@register_optimizer("dot")
+def _dot(groups: list[dict], s: OptimizerSettings, device: torch.device) -> torch.optim.Optimizer:
+    from kdcli.engine.dot import DOT
+
+    return DOT(groups, lr=s.lr, momentum=s.momentum, delta=s.dot_delta, weight_decay=s.weight_decay)
+
+
 class GradientStep:
     """Turns each batch's loss into gradient updates: `--accumulate N` batches per optimizer step,
     the lr of that step from the schedule, `--clip-grad` on the total norm, then `after_step` (EMA).
@@ -124,8 +132,17 @@ class GradientStep:
         """Whether 1-based `batch` of an epoch of `batches` ends an optimizer step (a safe stopping point)."""
         return batch % self.accumulate == 0 or batch == batches
 
-    def __call__(self, loss: Tensor, epoch: int, batch: int, batches: int) -> None:
-        """Backward for 1-based `batch` of `batches` in `epoch`; step the optimizer at a group's end."""
+    def __call__(self, terms: dict[str, Tensor], epoch: int, batch: int, batches: int) -> None:
+        """Backward of the loss terms of 1-based `batch` of `batches` in (main-stage) `epoch`; step the
+        optimizer at a group's end. DOT backpropagates its task and distillation terms itself."""
+        backward_step = getattr(self.optimizer, "backward_step", None)
+        if backward_step is not None:  # DOT: one batch per step (RunConfig.validate refuses --accumulate/--clip-grad)
+            self._set_lr(epoch, batch - 1)
+            backward_step(terms)
+            if self.after_step is not None:
+                self.after_step()
+            return
+        loss = sum(terms.values())
         first = (batch - 1) // self.accumulate * self.accumulate  # 0-based first batch of the group
         size = min(self.accumulate, batches - first)
         if batch - 1 == first:
@@ -133,11 +150,14 @@ class GradientStep:
         (loss / size if size > 1 else loss).backward()
         if not self.boundary(batch, batches):
             return
-        lr = self.schedule.at(self.schedule.step_of(epoch, first // self.accumulate))
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+        self._set_lr(epoch, first // self.accumulate)
         if self.clip_grad is not None:
             nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], self.clip_grad)
         self.optimizer.step()
         if self.after_step is not None:
             self.after_step()
+
+    def _set_lr(self, epoch: int, step_in_epoch: int) -> None:
+        lr = self.schedule.at(self.schedule.step_of(epoch, step_in_epoch))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -38,6 +38,10 @@ from kdcli.engine.ema import ModelEma
 from kdcli.engine.optim import GradientStep, OptimizerSettings, build_optimizer
 from kdcli.engine.schedule import LrSchedule
 from kdcli.engine.signals import StopRequest
+from kdcli.engine.dot import optimize
+from kdcli.engine.image_edits import edited_images
+from kdcli.engine.stages import Stages
+from kdcli.engine.teacher_pass import teacher_mode, teacher_needs
 from kdcli.errors import KdError
 from kdcli.methods.base import Method, Needs
 from kdcli.models.features import Outputs, forward_outputs
@@ -61,7 +65,8 @@ class Schedule:
     milestones: list[int]
     lr_decay: float
     log_every: int = 20
-    optimizer: str = "sgd"
+    optimizer: str = "sgd"  # sgd | adamw | dot (kdcli.engine.optim)
+    dot_delta: float = 0.075
     schedule: str = "multistep"
     warmup_epochs: float = 0.0
     min_lr: float = 0.0
@@ -71,7 +76,7 @@ class Schedule:
     ema: float | None = None
 
     def optimizer_settings(self) -> OptimizerSettings:
-        return OptimizerSettings(self.optimizer, self.lr, self.momentum, self.weight_decay)
+        return OptimizerSettings(self.optimizer, self.lr, self.momentum, self.weight_decay, dot_delta=self.dot_delta)
 
     def lr_schedule(self, batches_per_epoch: int) -> LrSchedule:
         return LrSchedule(
@@ -207,6 +212,9 @@ class Trainer:
             self.optimizer, self.lr_schedule, schedule.accumulate, schedule.clip_grad,
             after_step=(lambda: self.ema.update(self.student)) if self.ema is not None else None,
         )
+        # init stage (if any), then main
+        self.stages = Stages(method, student, schedule, self.optimizer, wrapped=(self.student_fn, self.method_fn))
+        self.active_optimizer = self.optimizer
         self.best_top1 = -1.0
         self.best_epoch = 0
         self.teacher_eval: Evaluation | None = None
@@ -224,8 +232,8 @@ class Trainer:
         metrics: dict[str, Any] = {}
         try:
             with self.stop:  # before the header line: once it is printed, Ctrl-C saves a checkpoint
-                self.reporter.start(self.schedule.epochs, len(self.train_loader), completed + 1)
-                for epoch in range(completed + 1, self.schedule.epochs + 1):
+                self.reporter.start(self.stages.total, len(self.train_loader), completed + 1)
+                for epoch in range(completed + 1, self.stages.total + 1):
                     metrics = self._epoch(epoch, partial)
                     partial = None
         finally:
@@ -233,19 +241,21 @@ class Trainer:
         return metrics
 
     def _epoch(self, epoch: int, partial: dict[str, Any] | None) -> dict[str, Any]:
-        s = self.schedule
-        lr = self.lr_schedule.epoch_lr(epoch)
-        self.method.on_epoch_start(epoch, s.epochs)
+        stage, lr, self.active_optimizer = self.stages.begin(epoch)
+        if stage.name == "main":
+            lr = self.lr_schedule.epoch_lr(stage.epoch)  # the lr of the epoch's first step (GradientStep sets every step's)
         started = time.perf_counter()
         sums = EpochSums.from_state(partial["sums"], self.device) if partial else EpochSums()
-        train = self._train_epoch(epoch, sums)
+        with edited_images(self.train_loader, self.stages.image_edits(stage)):
+            train = self._train_epoch(epoch, sums)
         val = evaluate(self.eval_fn, self.val_loader)
-        if val.top1 > self.best_top1:
+        if stage.name == "main" and val.top1 > self.best_top1:
             self.best_top1, self.best_epoch = val.top1, epoch
             if self.world.is_main:
                 self.save_weights(self.run.best, val.top1)
         metrics = {
             "epoch": epoch,
+            **self.stages.marks(stage),
             "lr": lr,
             **train,
             **self.method.epoch_metrics(),
@@ -268,7 +278,7 @@ class Trainer:
         return metrics
 
     def _train_epoch(self, epoch: int, sums: EpochSums) -> dict[str, Any]:
-        self.student.train()
+        self.student.train(self.stages.student_trains)
         self.method.train()
         self.train_loader.set_epoch(epoch, start=sums.steps)
         total = sums.steps + len(self.train_loader)
@@ -340,12 +350,15 @@ class Trainer:
         with autocast(self.device, self.precision):
             t_out = None
             if self.teacher is not None:
-                with torch.inference_mode():
-                    t_out = run_network(self.teacher_fn, batch, needs)
+                with torch.inference_mode(), teacher_mode(self.teacher, needs):
+                    t_out = run_network(self.teacher_fn, batch, teacher_needs(needs))
                 t_out = _as_normal_tensors(t_out)
             s_out = run_network(self.student_fn, batch, needs)
             terms = self.method_fn(s_out, t_out, batch)
-        self.gradient_step(sum(terms.values()), epoch, step, total)
+        if self.active_optimizer is self.optimizer:  # main stage: the run's schedule, accumulation, clipping, EMA
+            self.gradient_step(terms, self.stages.current.epoch, step, total)
+        else:
+            optimize(self.active_optimizer, terms)
         return terms, s_out.logits[: batch.y.numel()]
 
     def _ema_metrics(self) -> dict[str, float]:
@@ -381,6 +394,7 @@ class Trainer:
             "method": self.method.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "method_optimizers": {k: o.state_dict() for k, o in self.method.own_optimizers().items()},
+            "stages": self.stages.state(),
             "best_top1": self.best_top1,
             "best_epoch": self.best_epoch,
             "rng": rng_state(),
@@ -416,6 +430,7 @@ class Trainer:
             optimizer.load_state_dict(state["method_optimizers"][name])
         if self.ema is not None:
             self.ema.module.load_state_dict(state["ema"])
+        self.stages.load(state.get("stages", {}))
         self.best_top1, self.best_epoch = state["best_top1"], state["best_epoch"]
         set_rng_state(state["rng"])
         self.run.truncate_metrics(state["epoch"])
