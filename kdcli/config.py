@@ -93,8 +93,6 @@ class RunConfig:
         for ok, name, value, expected in checks:
             if not ok:
                 raise KdError(f"--{name} {value} is invalid", f"use {expected}")
-        if self.optimizer not in ("sgd", "dot"):
-            raise KdError(f"--optimizer {self.optimizer!r} is invalid", "use sgd or dot")
         if not 0 <= self.dot_delta <= self.momentum or self.momentum + self.dot_delta >= 1:
             raise KdError(f"--dot-delta {self.dot_delta} is invalid with --momentum {self.momentum}",
                           "use 0 <= delta <= momentum with momentum + delta < 1, e.g. 0.075")
