@@ -28,6 +28,8 @@ from kdcli.models import create_model, default_lr
 from kdcli.models.registry import pretrained_input
 from kdcli.models.features import classifier_of, forward_outputs
 from kdcli.models.fold import fold_batchnorm
+from kdcli.logs import RunLogs, Tee, check_loggers
+from kdcli.recipe import recipe_rows
 from kdcli.report import ConsoleReporter, SilentReporter
 from kdcli.profiling import count_params, profile
 from kdcli.teachers import (
@@ -60,6 +62,7 @@ def run(config: RunConfig, overwrite: bool = False, resume: bool = False, report
     cls = method_class(config.method)
     resolve_hparams(cls, config.options)  # reject bad --set values before any slow work
     check_architecture_name(config.student)
+    check_loggers(config.log)
     if config.command == "train" and not resume:
         check_free(config.student, config.data, overwrite)  # before hours of training, not after
     bundle = build_data(config.data, data_dir=config.data_dir, download=config.download)
@@ -95,13 +98,27 @@ def run(config: RunConfig, overwrite: bool = False, resume: bool = False, report
         save_model(path, student, top1=f"{top1:.4f}", **metadata)
 
     title = f"{config.teacher} -> {config.student} [{config.method}]" if teacher else f"train {config.student}"
-    if not world.is_main:
+    schedule = schedule_of(config)
+    precision = resolve_precision(config.precision, device)
+    if world.is_main:
+        lr_schedule = schedule.lr_schedule(len(train_loader))
+        logs = RunLogs(run_dir, config.log, config.to_dict(), len(train_loader),
+                       lambda epoch, batch: lr_schedule.at(lr_schedule.step_of(epoch, (batch - 1) // config.accumulate)))
+        reporter = Tee(logs, reporter or ConsoleReporter(title))
+        rows = recipe_rows(
+            config, train_size=len(bundle.train), val_size=len(bundle.val), num_classes=bundle.num_classes,
+            input_size=bundle.input_size, lr=schedule.lr, steps_per_epoch=lr_schedule.steps_per_epoch,
+            hparams=method.hp, device=str(device), precision=precision, processes=world.size,
+        )
+        if hasattr(reporter, "recipe"):
+            reporter.recipe(rows)
+    else:
         reporter = SilentReporter()
     trainer = Trainer(
-        student, teacher, method, train_loader, val_loader, schedule_of(config), run_dir,
-        reporter or ConsoleReporter(title), save_weights,
+        student, teacher, method, train_loader, val_loader, schedule, run_dir,
+        reporter, save_weights,
         device=device,
-        precision=resolve_precision(config.precision, device),
+        precision=precision,
         fingerprint=config_fingerprint(run_dir.config.read_text()),
         compile=config.compile,
         resume_command=f"kd {config.command}",
@@ -116,6 +133,9 @@ def run(config: RunConfig, overwrite: bool = False, resume: bool = False, report
     history = run_dir.read_metrics()
     last = history[-1]
     save_weights(run_dir.path / weights_name, last["val_top1"])
+    ema_weights = run_dir.path / weights_name.replace(".safetensors", "_ema.safetensors")
+    if trainer.ema is not None:
+        save_model(ema_weights, trainer.ema.module, top1=f"{last['val_ema_top1']:.4f}", **metadata, ema=str(config.ema))
     summary = {
         "command": config.command,
         "run_dir": str(run_dir.path),
@@ -144,6 +164,7 @@ def run(config: RunConfig, overwrite: bool = False, resume: bool = False, report
         "processes": world.size,
         "peak_memory_mb": max(m["peak_memory_mb"] for m in history),
         "weights": str(run_dir.path / weights_name),
+        **({"ema_top1": last["val_ema_top1"], "ema_weights": str(ema_weights)} if trainer.ema is not None else {}),
         "kdcli_version": __version__,
     }
     run_dir.write_summary(summary)
@@ -192,7 +213,8 @@ def build_training(
     and its BatchNorm folded into its convolutions; the method is built from one validation batch.
     """
     torch.manual_seed(config.seed)
-    student = create_model(config.student, num_classes=bundle.num_classes, pretrained=config.pretrained and is_external(config.student))
+    from_published = config.pretrained if config.student_pretrained is None else config.student_pretrained
+    student = create_model(config.student, num_classes=bundle.num_classes, pretrained=from_published and is_external(config.student))
     train_loader = make_loader(
         bundle.train, bundle, distributed.check_batch(config.batch_size, world), True, device, config.seed,
         config.workers, views=cls.needs.views, shard=(world.rank, world.size),
@@ -214,7 +236,7 @@ def build_training(
 
 
 def schedule_of(config: RunConfig) -> Schedule:
-    """The lr schedule and SGD settings of `config`."""
+    """The optimizer, lr schedule and step settings of `config`."""
     return Schedule(
         epochs=config.epochs,
         lr=config.lr or default_lr(config.student),
@@ -223,6 +245,13 @@ def schedule_of(config: RunConfig) -> Schedule:
         milestones=config.milestone_epochs(),
         lr_decay=config.lr_decay,
         optimizer=config.optimizer,
+        schedule=config.schedule,
+        warmup_epochs=config.warmup_epochs,
+        min_lr=config.min_lr,
+        step_size=config.step_size,
+        clip_grad=config.clip_grad,
+        accumulate=config.accumulate,
+        ema=config.ema,
         dot_delta=config.dot_delta,
     )
 
@@ -312,10 +341,11 @@ def build_method(
     head = classifier_of(teacher) if cls.needs.teacher_head and teacher is not None else None
     extra = {"teacher_bn": stage_bns(teacher)} if cls.needs.teacher_bn and teacher is not None else {}
     torch.manual_seed(config.seed + 1)
-    return cls(
-        student_shapes, teacher_shapes, len(train_labels), teacher_head=head, train_labels=train_labels,
-        **extra, **config.options,
+    method = cls(
+        student_shapes, teacher_shapes, len(train_labels), teacher_head=head, train_labels=train_labels, **extra, **config.options
     )
+    method.label_smoothing = config.label_smoothing
+    return method
 
 
 def evaluate_checkpoint(

@@ -64,6 +64,26 @@ SyncBn = Annotated[Optional[bool], typer.Option("--sync-bn", help="SyncBatchNorm
 Nproc = Annotated[int, typer.Option("--nproc", help="Data-parallel processes on this machine (launches torchrun).")]
 Json = Annotated[bool, typer.Option("--json", help="Print only the summary JSON on stdout.")]
 Pretrained = Annotated[Optional[bool], typer.Option("--pretrained", help="timm:NAME / tv:NAME models start from their published weights (downloaded once, then cached); inputs are normalised as those weights expect.")]
+# Training recipe (kdcli.engine.optim / schedule / ema; README "Training recipes").
+Optimizer = Annotated[Optional[str], typer.Option("--optimizer", help="sgd (default), adamw (weight decay then skips norms and biases), or dot: separate task/distillation momenta (DOT, ICCV 2023), with any method.")]
+LrSchedule = Annotated[Optional[str], typer.Option("--schedule", help="multistep (default; --lr-decay at the milestones), cosine (per step), step (every --step-size epochs) or constant.")]
+WarmupEpochs = Annotated[Optional[float], typer.Option("--warmup-epochs", help="Linear lr warm-up over this many epochs, per optimizer step (default 0).")]
+MinLr = Annotated[Optional[float], typer.Option("--min-lr", help="Where the cosine schedule ends (default 0).")]
+StepSize = Annotated[Optional[int], typer.Option("--step-size", help="Epochs between decays of the step schedule (default 30).")]
+WeightDecay = Annotated[Optional[float], typer.Option("--weight-decay", help="Weight decay (default 5e-4).")]
+LabelSmoothing = Annotated[Optional[float], typer.Option("--label-smoothing", help="Label smoothing of the cross-entropy term (default 0).")]
+ClipGrad = Annotated[Optional[float], typer.Option("--clip-grad", help="Clip the total gradient norm to this value (default off).")]
+Accumulate = Annotated[Optional[int], typer.Option("--accumulate", help="Batches per optimizer step; effective batch = batch size x N x processes (scale --lr with it).")]
+Ema = Annotated[Optional[float], typer.Option("--ema", help="Keep an EMA of the student's weights with this decay (e.g. 0.9998), evaluated and saved beside it.")]
+Log = Annotated[Optional[list[str]], typer.Option("--log", help="Also log to tensorboard and/or wandb (repeatable or comma-separated).")]
+
+
+def _recipe_flags(optimizer, schedule, warmup_epochs, min_lr, step_size, weight_decay, label_smoothing, clip_grad,
+                  accumulate, ema, log) -> dict[str, Any]:
+    loggers = [name.strip() for item in log or [] for name in item.split(",") if name.strip()]
+    return dict(optimizer=optimizer, schedule=schedule, warmup_epochs=warmup_epochs, min_lr=min_lr, step_size=step_size,
+                weight_decay=weight_decay, label_smoothing=label_smoothing, clip_grad=clip_grad, accumulate=accumulate,
+                ema=ema, log=loggers or None)
 
 
 def _version(value: bool) -> None:
@@ -129,6 +149,9 @@ def train(
     precision: Precision = None, compile_: Compile = None,
     workers: Workers = None, out: Out = None, preset: Preset = None, resume: Resume = None,
     overwrite: Overwrite = False, json_out: Json = False, pretrained: Pretrained = None, nproc: Nproc = 1, sync_bn: SyncBn = None,
+    optimizer: Optimizer = None, schedule: LrSchedule = None, warmup_epochs: WarmupEpochs = None, min_lr: MinLr = None,
+    step_size: StepSize = None, weight_decay: WeightDecay = None, label_smoothing: LabelSmoothing = None,
+    clip_grad: ClipGrad = None, accumulate: Accumulate = None, ema: Ema = None, log: Log = None,
 ) -> None:
     """Train a network from scratch (e.g. a teacher) and register it in the teacher store."""
     if model is None and resume is None:
@@ -137,6 +160,8 @@ def train(
         command="train", student=model, method="none", data=data, data_dir=data_dir, download=download, pretrained=pretrained,
         epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, workers=workers, out=out,
         precision=precision, compile=compile_, sync_bn=sync_bn,
+        **_recipe_flags(optimizer, schedule, warmup_epochs, min_lr, step_size, weight_decay, label_smoothing, clip_grad,
+                        accumulate, ema, log),
     )
     _run(flags, preset, resume, overwrite, json_out, nproc)
 
@@ -153,7 +178,9 @@ def distill(
     precision: Precision = None, compile_: Compile = None,
     workers: Workers = None, out: Out = None, preset: Preset = None, resume: Resume = None,
     overwrite: Overwrite = False, json_out: Json = False, pretrained: Pretrained = None, nproc: Nproc = 1, sync_bn: SyncBn = None,
-    optimizer: Annotated[Optional[str], typer.Option("--optimizer", help="sgd, or dot: separate task/distillation momenta (DOT, ICCV 2023), with any method.")] = None,
+    optimizer: Optimizer = None, schedule: LrSchedule = None, warmup_epochs: WarmupEpochs = None, min_lr: MinLr = None,
+    step_size: StepSize = None, weight_decay: WeightDecay = None, label_smoothing: LabelSmoothing = None,
+    clip_grad: ClipGrad = None, accumulate: Accumulate = None, ema: Ema = None, log: Log = None,
     dot_delta: Annotated[Optional[float], typer.Option("--dot-delta", help="DOT momentum gap: task momentum - delta, distillation + delta (default 0.075).")] = None,
 ) -> None:
     """Distill a teacher into a student with one method; writes <out>/student.safetensors."""
@@ -161,7 +188,10 @@ def distill(
         command="distill", teacher=teacher, student=student, method=method, teacher_arch=teacher_arch,
         options=parse_set_options(set_ or []) or None, data=data, data_dir=data_dir, download=download, pretrained=pretrained,
         epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, workers=workers, out=out,
-        precision=precision, compile=compile_, sync_bn=sync_bn, optimizer=optimizer, dot_delta=dot_delta,
+        precision=precision, compile=compile_, sync_bn=sync_bn,
+        dot_delta=dot_delta,
+        **_recipe_flags(optimizer, schedule, warmup_epochs, min_lr, step_size, weight_decay, label_smoothing, clip_grad,
+                        accumulate, ema, log),
     )
     _run(flags, preset, resume, overwrite, json_out, nproc)
 

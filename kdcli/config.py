@@ -24,6 +24,7 @@ class RunConfig:
     command: str = "distill"  # "train" or "distill"
     student: str = "resnet20"  # for `kd train`: the network being trained
     pretrained: bool = False  # timm:/tv: student starts from its published weights (and a timm:/tv: teacher uses them)
+    student_pretrained: bool | None = None  # None: as `pretrained`; false: a pretrained teacher, a student from scratch (ImageNet KD)
     teacher: str | None = None
     teacher_arch: str | None = None
     teacher_sha256: str | None = None  # recorded by the run: sha256 of the teacher's weights file
@@ -41,7 +42,17 @@ class RunConfig:
     weight_decay: float = 5e-4
     milestones: list[int] | None = None  # None: 150/180/210 of 240, scaled to --epochs
     lr_decay: float = 0.1
-    optimizer: str = "sgd"  # "dot": DOT's separate task/distillation momenta (kdcli.engine.dot)
+    # Recipes beyond the CIFAR protocol (timm's train.py names; README "Training recipes").
+    optimizer: str = "sgd"  # sgd | adamw | dot (kdcli.engine.optim registry; dot: DOT's separate task/distillation momenta)
+    schedule: str = "multistep"  # multistep | cosine | step | constant (kdcli.engine.schedule)
+    warmup_epochs: float = 0.0  # linear warm-up, per optimizer step, before the schedule
+    min_lr: float = 0.0  # where cosine ends
+    step_size: int = 30  # epochs between decays of the `step` schedule
+    label_smoothing: float = 0.0  # of the ce term
+    clip_grad: float | None = None  # max total gradient norm; None: no clipping
+    accumulate: int = 1  # batches per optimizer step (effective batch = batch_size * accumulate * processes)
+    ema: float | None = None  # decay of the student's weight EMA; None: no EMA
+    log: list[str] = field(default_factory=list)  # extra loggers: tensorboard, wandb
     dot_delta: float = 0.075  # DOT's momentum gap: task mu - delta, distillation mu + delta
     seed: int = 0
     device: str = "auto"
@@ -70,23 +81,46 @@ class RunConfig:
             (0 < self.lr_decay <= 1, "lr-decay", self.lr_decay, "in (0, 1]"),
             (self.workers >= 0, "workers", self.workers, "0 or more"),
         ]
+        checks += [
+            (self.warmup_epochs >= 0, "warmup-epochs", self.warmup_epochs, "0 or more"),
+            (self.min_lr >= 0, "min-lr", self.min_lr, "0 or more"),
+            (self.step_size >= 1, "step-size", self.step_size, "at least 1"),
+            (0 <= self.label_smoothing < 1, "label-smoothing", self.label_smoothing, "in [0, 1)"),
+            (self.clip_grad is None or self.clip_grad > 0, "clip-grad", self.clip_grad, "a positive number"),
+            (self.accumulate >= 1, "accumulate", self.accumulate, "at least 1"),
+            (self.ema is None or 0 < self.ema < 1, "ema", self.ema, "a decay in (0, 1), e.g. 0.9998"),
+        ]
         for ok, name, value, expected in checks:
             if not ok:
                 raise KdError(f"--{name} {value} is invalid", f"use {expected}")
-        if self.optimizer not in ("sgd", "dot"):
-            raise KdError(f"--optimizer {self.optimizer!r} is invalid", "use sgd or dot")
         if not 0 <= self.dot_delta <= self.momentum or self.momentum + self.dot_delta >= 1:
             raise KdError(f"--dot-delta {self.dot_delta} is invalid with --momentum {self.momentum}",
                           "use 0 <= delta <= momentum with momentum + delta < 1, e.g. 0.075")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise KdError(f"--precision {self.precision!r} is invalid", "use auto, fp32 or bf16")
+        self._validate_recipe()
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise KdError(f"--device {self.device!r} is invalid", "use auto, cpu, cuda or cuda:N")
+
+    def _validate_recipe(self) -> None:
+        from kdcli.engine.optim import optimizer_names
+        from kdcli.engine.schedule import SCHEDULES
+
+        for flag, value, allowed in (("optimizer", self.optimizer, optimizer_names()), ("schedule", self.schedule, SCHEDULES)):
+            if value not in allowed:
+                raise KdError(f"--{flag} {value!r} is invalid", did_you_mean(value, allowed))
+        if self.optimizer == "dot" and (self.accumulate > 1 or self.clip_grad is not None):
+            raise KdError("--optimizer dot steps once per batch on its own two gradients",
+                          "drop --accumulate and --clip-grad, or use --optimizer sgd")
+        for name in self.log:
+            if name not in LOGGERS:
+                raise KdError(f"--log {name!r} is invalid", did_you_mean(name, LOGGERS))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
+LOGGERS = ("tensorboard", "wandb")
 FIELD_NAMES = {f.name for f in fields(RunConfig)}
 # Written by the run itself (what the teacher was), not settings a user chooses.
 RECORDED_FIELDS = {"teacher_sha256", "teacher_source"}

@@ -109,6 +109,13 @@ class ConsoleReporter:
     def note(self, text: str) -> None:
         self.console.print(text, markup=False, soft_wrap=True)
 
+    def recipe(self, rows: list[tuple[str, str]]) -> None:
+        """The resolved recipe before the first epoch, one `name  value` line each (a log file keeps it)."""
+        width = max((len(name) for name, _ in rows), default=0)
+        self.console.print("[bold]recipe[/]", soft_wrap=True)
+        for name, value in rows:
+            self.console.print(f"  {name:<{width}}  {value}", markup=False, soft_wrap=True)
+
     def finish(self) -> None:
         if self.progress is not None:
             self.progress.stop()
@@ -122,6 +129,7 @@ class SilentReporter:
     def step(self, epoch: int, step: int, images: int, loss: float | None = None) -> None: ...
     def epoch_end(self, metrics: dict[str, Any]) -> None: ...
     def note(self, text: str) -> None: ...
+    def recipe(self, rows: list[tuple[str, str]]) -> None: ...
     def finish(self) -> None: ...
 
 
@@ -173,6 +181,7 @@ def print_summary(summary: dict[str, Any], console: Console = stdout) -> None:
         ("epochs", summary.get("epochs")),
         ("top-1 last / best (%)", f"{fmt(summary['top1'])} / {fmt(summary['best_top1'])} (epoch {summary['best_epoch']})"),
         ("top-5 last (%)", summary["top5"]),
+        ("EMA top-1 last (%)", summary.get("ema_top1")),
         ("teacher top-1 (%)", summary.get("teacher_top1")),
         ("teacher agreement (%)", summary.get("agreement")),
         ("student params", f"{summary['student_params']:,}"),

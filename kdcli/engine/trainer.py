@@ -2,8 +2,9 @@
 
 The loop knows methods only through the `Method` base class: per batch it runs the frozen teacher
 in inference mode, the student, asks the method for its weighted loss terms and minimises their sum with
-one optimizer over the student and the method's own trainable parameters. Evaluation, metrics,
-checkpoints and progress happen once per epoch. Losses are accumulated on the device and read back
+one optimizer over the student and the method's own trainable parameters (kdcli.engine.optim: the
+optimizer by name, and the gradient step with accumulation, clipping, the per-step lr and the EMA
+update). Evaluation, metrics, checkpoints and progress happen once per epoch. Losses are accumulated on the device and read back
 only every `log_every` steps, so the step itself never waits for the host.
 
 Under torchrun the student (and the method's trainable heads) run in DistributedDataParallel,
@@ -33,8 +34,11 @@ from kdcli.engine.checkpoint import load_state, rng_state, save_state, set_rng_s
 from kdcli.engine.evaluate import Evaluation, evaluate
 from kdcli.engine.precision import autocast, classifier_in_fp32
 from kdcli.engine.rundir import RunDir
+from kdcli.engine.ema import ModelEma
+from kdcli.engine.optim import GradientStep, OptimizerSettings, build_optimizer
+from kdcli.engine.schedule import LrSchedule
 from kdcli.engine.signals import StopRequest
-from kdcli.engine.dot import build_optimizer, optimize
+from kdcli.engine.dot import optimize
 from kdcli.engine.image_edits import edited_images
 from kdcli.engine.stages import Stages
 from kdcli.engine.teacher_pass import teacher_mode, teacher_needs
@@ -61,8 +65,24 @@ class Schedule:
     milestones: list[int]
     lr_decay: float
     log_every: int = 20
-    optimizer: str = "sgd"  # or "dot" (kdcli.engine.dot)
+    optimizer: str = "sgd"  # sgd | adamw | dot (kdcli.engine.optim)
     dot_delta: float = 0.075
+    schedule: str = "multistep"
+    warmup_epochs: float = 0.0
+    min_lr: float = 0.0
+    step_size: int = 30
+    clip_grad: float | None = None
+    accumulate: int = 1
+    ema: float | None = None
+
+    def optimizer_settings(self) -> OptimizerSettings:
+        return OptimizerSettings(self.optimizer, self.lr, self.momentum, self.weight_decay, dot_delta=self.dot_delta)
+
+    def lr_schedule(self, batches_per_epoch: int) -> LrSchedule:
+        return LrSchedule(
+            self.schedule, self.lr, self.epochs, GradientStep.steps_per_epoch(batches_per_epoch, self.accumulate),
+            self.milestones, self.lr_decay, self.step_size, self.warmup_epochs, self.min_lr,
+        )
 
 
 @dataclass
@@ -74,18 +94,20 @@ class EpochSums:
     samples: int = 0
     steps: int = 0
     seconds: float = 0.0
+    correct5: Tensor | None = None  # top-5 hits
 
-    def add(self, terms: dict[str, Tensor], correct: Tensor, samples: int) -> None:
+    def add(self, terms: dict[str, Tensor], correct: Tensor, samples: int, correct5: Tensor | None = None) -> None:
         for name, value in terms.items():
             value = value.detach().float()
             self.terms[name] = self.terms[name] + value if name in self.terms else value
         self.correct = correct if self.correct is None else self.correct + correct
+        self.correct5 = correct5 if self.correct5 is None else self.correct5 + correct5
         self.samples += samples
         self.steps += 1
 
     def state(self) -> dict[str, Any]:
         return {"terms": self.terms, "correct": self.correct, "samples": self.samples,
-                "steps": self.steps, "seconds": self.seconds}
+                "steps": self.steps, "seconds": self.seconds, "correct5": self.correct5}
 
     @classmethod
     def from_state(cls, state: dict[str, Any], device: torch.device) -> "EpochSums":
@@ -93,6 +115,7 @@ class EpochSums:
             {k: v.to(device) for k, v in state["terms"].items()},
             None if state["correct"] is None else state["correct"].to(device),
             state["samples"], state["steps"], state["seconds"],
+            None if state.get("correct5") is None else state["correct5"].to(device),
         )
 
 
@@ -181,8 +204,14 @@ class Trainer:
         self.student_fn = distributed.wrap(self.eval_fn, world, device)
         self.method_fn = distributed.wrap(method, world, device, heads=True)
         self.teacher_fn = torch.compile(self.teacher) if compile and self.teacher is not None else self.teacher
-        params = list(student.parameters()) + method.trainable_parameters()
-        self.optimizer = build_optimizer(params, schedule, **_fast_step(device))  # SGD, or DOT (--optimizer dot)
+        # One optimizer and schedule for the student and the method's heads (kdcli.engine.optim).
+        self.optimizer = build_optimizer(schedule.optimizer_settings(), student, method.trainable_parameters(), device)
+        self.lr_schedule = schedule.lr_schedule(len(train_loader))
+        self.ema = ModelEma(student, schedule.ema) if schedule.ema else None
+        self.gradient_step = GradientStep(
+            self.optimizer, self.lr_schedule, schedule.accumulate, schedule.clip_grad,
+            after_step=(lambda: self.ema.update(self.student)) if self.ema is not None else None,
+        )
         # init stage (if any), then main
         self.stages = Stages(method, student, schedule, self.optimizer, wrapped=(self.student_fn, self.method_fn))
         self.active_optimizer = self.optimizer
@@ -213,6 +242,8 @@ class Trainer:
 
     def _epoch(self, epoch: int, partial: dict[str, Any] | None) -> dict[str, Any]:
         stage, lr, self.active_optimizer = self.stages.begin(epoch)
+        if stage.name == "main":
+            lr = self.lr_schedule.epoch_lr(stage.epoch)  # the lr of the epoch's first step (GradientStep sets every step's)
         started = time.perf_counter()
         sums = EpochSums.from_state(partial["sums"], self.device) if partial else EpochSums()
         with edited_images(self.train_loader, self.stages.image_edits(stage)):
@@ -231,6 +262,7 @@ class Trainer:
             "val_top1": val.top1,
             "val_top5": val.top5,
             "val_loss": val.loss,
+            **self._ema_metrics(),
             "best_top1": self.best_top1,
             "best_epoch": self.best_epoch,
             "epoch_time_s": time.perf_counter() - started,
@@ -254,8 +286,9 @@ class Trainer:
         window_steps = 0
         started = time.perf_counter()
         for step, batch in enumerate(self.train_loader, start=sums.steps + 1):
-            terms, logits = self._step(batch)
-            sums.add(terms, (logits.detach().argmax(dim=1) == batch.y).sum(), batch.y.numel())
+            terms, logits = self._step(batch, epoch, step, total)
+            top1, top5 = _correct(logits.detach(), batch.y)
+            sums.add(terms, top1, batch.y.numel(), top5)
             for name, value in terms.items():
                 window[name] = window[name] + value.detach().float() if name in window else value.detach().float()
             window_steps += 1
@@ -270,7 +303,7 @@ class Trainer:
             self.reporter.step(epoch, step, batch.y.numel() * self.world.size, loss)
             # One process stops at any step; ranks agree on stopping at a log step, where they sync anyway.
             stop = self.stop.requested if not self.world.enabled else logging and distributed.any_rank(self.stop.requested, self.device)
-            if stop and step < total:
+            if stop and step < total and self.gradient_step.boundary(step, total):  # never inside an accumulation
                 unchecked = {name: value.item() for name, value in window.items()}  # steps since the last log
                 if not all(math.isfinite(v) for v in unchecked.values()):
                     self._diverged(epoch, step, unchecked)  # never checkpoint a diverged state
@@ -284,12 +317,14 @@ class Trainer:
         sums.seconds += time.perf_counter() - started
         size = self.world.size
         means = {f"train_{name}": value.item() / (sums.steps * size) for name, value in self._reduced(sums.terms).items()}
-        counts = self._reduced({"c": sums.correct.float(), "n": torch.tensor(float(sums.samples), device=self.device)})
+        counts = self._reduced({"c": sums.correct.float(), "c5": sums.correct5.float(),
+                                "n": torch.tensor(float(sums.samples), device=self.device)})
         samples = int(counts["n"].item())
         return {
             "train_loss": sum(means.values()),
             **means,
             "train_top1": 100.0 * counts["c"].item() / samples if samples else 0.0,
+            "train_top5": 100.0 * counts["c5"].item() / samples if samples else 0.0,
             "train_samples": samples,
         }
 
@@ -298,8 +333,9 @@ class Trainer:
         if not self.world.enabled:
             return sums
         mean = {k: v / self.world.size for k, v in self._reduced(sums.terms).items()}
-        correct = self._reduced({"c": sums.correct.float()})["c"] / self.world.size
-        return EpochSums(mean, correct, sums.samples, sums.steps, sums.seconds)
+        correct = self._reduced({"c": sums.correct.float(), "c5": sums.correct5.float()})
+        return EpochSums(mean, correct["c"] / self.world.size, sums.samples, sums.steps, sums.seconds,
+                         correct["c5"] / self.world.size)
 
     def _reduced(self, values: dict[str, Tensor]) -> dict[str, Tensor]:
         """Sums over ranks, in one collective (values unchanged in a single process)."""
@@ -309,7 +345,7 @@ class Trainer:
         total = distributed.all_reduce_sum(torch.stack([values[n].float().reshape(()) for n in names]))
         return dict(zip(names, total))
 
-    def _step(self, batch: Batch) -> tuple[dict[str, Tensor], Tensor]:
+    def _step(self, batch: Batch, epoch: int, step: int, total: int) -> tuple[dict[str, Tensor], Tensor]:
         needs = self.method.needs
         with autocast(self.device, self.precision):
             t_out = None
@@ -319,8 +355,18 @@ class Trainer:
                 t_out = _as_normal_tensors(t_out)
             s_out = run_network(self.student_fn, batch, needs)
             terms = self.method_fn(s_out, t_out, batch)
-        optimize(self.active_optimizer, terms)
+        if self.active_optimizer is self.optimizer:  # main stage: the run's schedule, accumulation, clipping, EMA
+            self.gradient_step(terms, self.stages.current.epoch, step, total)
+        else:
+            optimize(self.active_optimizer, terms)
         return terms, s_out.logits[: batch.y.numel()]
+
+    def _ema_metrics(self) -> dict[str, float]:
+        """Validation of the student's weight EMA (`--ema`), beside the raw student's."""
+        if self.ema is None:
+            return {}
+        result = evaluate(self.ema.module, self.val_loader)
+        return {"val_ema_top1": result.top1, "val_ema_top5": result.top5, "val_ema_loss": result.loss}
 
     def _diverged(self, epoch: int, step: int, terms: dict[str, float]) -> None:
         described = ", ".join(f"{name}={value:.4g}" for name, value in terms.items())
@@ -352,6 +398,7 @@ class Trainer:
             "best_top1": self.best_top1,
             "best_epoch": self.best_epoch,
             "rng": rng_state(),
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
         }
         if self.world.is_main:
             save_state(self.run.last, state)
@@ -381,6 +428,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         for name, optimizer in self.method.own_optimizers().items():
             optimizer.load_state_dict(state["method_optimizers"][name])
+        if self.ema is not None:
+            self.ema.module.load_state_dict(state["ema"])
         self.stages.load(state.get("stages", {}))
         self.best_top1, self.best_epoch = state["best_top1"], state["best_epoch"]
         set_rng_state(state["rng"])
@@ -397,9 +446,8 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-
-def _fast_step(device: torch.device) -> dict[str, bool]:
-    """One fused kernel for the whole SGD update on CUDA; the multi-tensor path elsewhere."""
-    if device.type == "cuda":
-        return {"fused": True}
-    return {"foreach": True}
+def _correct(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """(top-1 hits, top-5 hits) of a batch, as device tensors."""
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    hits = top == target[:, None]
+    return hits[:, 0].sum(), hits.any(dim=1).sum()

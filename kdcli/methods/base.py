@@ -55,6 +55,7 @@ class Method(nn.Module):
     year: ClassVar[int] = 0
     needs: ClassVar[Needs] = Needs()
     defaults: ClassVar[dict[str, Any]] = {"ce": 1.0, "kd": 0.0, "T": 4.0}
+    label_smoothing: float = 0.0  # of every ce term (`--label-smoothing`, set by the run's builder)
 
     def __init__(
         self,
@@ -93,11 +94,15 @@ class Method(nn.Module):
             return self.init_terms(s, t, batch)
         terms: dict[str, Tensor] = {}
         if self.hp["ce"]:
-            terms["ce"] = self.hp["ce"] * F.cross_entropy(s.logits, batch.y)
+            terms["ce"] = self.hp["ce"] * self.cross_entropy(s.logits, batch.y)
         if self.hp["kd"] and t is not None:
             terms["kd"] = self.hp["kd"] * self.kd_term(s.logits, t.logits)
         terms.update(self.distill(s, t, batch))
         return terms
+
+    def cross_entropy(self, logits: Tensor, target: Tensor) -> Tensor:
+        """The hard-label loss of every method's `ce` term, with the run's label smoothing."""
+        return F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
 
     def kd_term(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
         """The unweighted `kd` term: Hinton KD at temperature `T`. Override to change how the

@@ -238,7 +238,7 @@ class CRCD(Method):
         hp = self.hp
         rows = batch.y.numel()
         logits = s.logits[:rows]
-        ce = F.cross_entropy(logits, batch.y)
+        ce = self.cross_entropy(logits, batch.y)
         terms = {"ce": hp["ce"] * ce} if hp["ce"] else {}
         gradient_term = self.uses_gradients and (self.mimic or hp["variant"] == "code")
         kd = kd_loss(logits, t.logits[:rows], hp["T"]) if hp["kd"] and (self.mimic or gradient_term) else None

@@ -385,7 +385,7 @@ class InstanceTemperatureKD(Method):
             self.purifier.record(student, batch.index)
         terms: dict[str, Tensor] = {}
         if self.hp["ce"]:
-            terms["ce"] = self.hp["ce"] * F.cross_entropy(student, batch.y)
+            terms["ce"] = self.hp["ce"] * self.cross_entropy(student, batch.y)
         if self.hp["kd"]:
             terms[self.hp["host"]] = self.host_loss(student, teacher, batch.y, temperatures)
         return terms

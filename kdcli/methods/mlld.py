@@ -72,7 +72,7 @@ class MultiLevelLogitDistillation(Method):
         t_weak, t_strong = t.logits[:b], t.logits[b:]
         terms = {}
         if self.hp["ce"]:
-            ce = F.cross_entropy(s_weak, batch.y) + F.cross_entropy(s_strong, batch.y)
+            ce = self.cross_entropy(s_weak, batch.y) + self.cross_entropy(s_strong, batch.y)
             terms["ce"] = self.hp["ce"] * ce
         multi_level = mlld_loss_terms(
             s_weak, t_weak, s_strong, t_strong,
