@@ -151,7 +151,7 @@ def _torchscript(model: nn.Module, example: torch.Tensor, target: Path, recorded
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            traced = torch.jit.trace(_LogitsOnly(model), example, check_trace=False)
+            traced = torch.jit.trace(_LogitsOnly(model).eval(), example, check_trace=False)
         traced.save(str(target), _extra_files={"kdcli.json": json.dumps(recorded)})
     except Exception as exc:  # noqa: BLE001 - tracing fails in many ways, all the model's
         raise _failed("torchscript", exc) from exc
@@ -159,13 +159,17 @@ def _torchscript(model: nn.Module, example: torch.Tensor, target: Path, recorded
 
 def read_torchscript_metadata(path: Path) -> dict[str, str]:
     extra = {"kdcli.json": ""}
-    torch.jit.load(str(path), _extra_files=extra)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.load(str(path), _extra_files=extra)
     return json.loads(extra["kdcli.json"] or "{}")
 
 
 @torch.no_grad()
 def _check_torchscript(model: nn.Module, target: Path, shape, dynamic: bool, batch: int) -> float:
-    loaded = torch.jit.load(str(target)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
+        loaded = torch.jit.load(str(target)).eval()
     return max(_diff(model(x), loaded(x)) for x in _inputs(shape, dynamic, batch))
 
 
@@ -178,7 +182,7 @@ def _onnx(model: nn.Module, example: torch.Tensor, target: Path, recorded: dict[
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(_LogitsOnly(model), (example,), str(target), input_names=["input"], output_names=["logits"],
+            torch.onnx.export(_LogitsOnly(model).eval(), (example,), str(target), input_names=["input"], output_names=["logits"],
                               dynamic_axes=axes, dynamo=False)
     except Exception as exc:  # noqa: BLE001
         raise _failed("onnx", exc) from exc

@@ -29,11 +29,11 @@ class StageNet(nn.Module):
 
 
 class FlatNet(nn.Module):
-    """No spatial stages at all (an MLP): fine for kd, refused by feature methods."""
+    """No spatial stages at all (an MLP on 16x16 images): fine for kd, refused by feature methods."""
 
     def __init__(self, num_classes: int = 10):
         super().__init__()
-        self.body = nn.Sequential(nn.Flatten(), nn.LazyLinear(32), nn.ReLU())
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 32), nn.ReLU())
         self.fc = nn.Linear(32, num_classes)
 
     def forward(self, x):
@@ -50,6 +50,17 @@ def teacher_factory(num_classes: int) -> nn.Module:
 
 def flat_factory(num_classes: int) -> nn.Module:
     return FlatNet(num_classes)
+
+
+class DictNet(StageNet):
+    """Returns a dict with a string in it: kd can store its weights, but tracing cannot export it."""
+
+    def forward(self, x):
+        return {"logits": super().forward(x), "note": "not a tensor"}
+
+
+def dict_factory(num_classes: int) -> nn.Module:
+    return DictNet(num_classes, width=4)
 
 
 def broken_factory(num_classes: int) -> nn.Module:

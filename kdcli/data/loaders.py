@@ -172,12 +172,14 @@ class _Indexed(Dataset):
 
     def __getitem__(self, key: tuple[int, int | None]):
         index, seed = key
-        image, label = self.dataset[index]
         if seed is None:
+            image, label = self.dataset[index]
             return self.transform(image), label, index
-        # torchvision's transforms draw from the global RNG: seed a private copy of it.
+        # torchvision's transforms (and a user's Dataset augmenting in __getitem__) draw from the
+        # global RNG: seed a private copy of it.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
+            image, label = self.dataset[index]
             return self.transform(image), label, index
 
 
