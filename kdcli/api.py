@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from kdcli import __version__, plugins
-from kdcli.build import Sources, build_method, build_training, canonical, schedule_of, shapes_of  # noqa: F401 (public)
+from kdcli.build import CUSTOM_DATA, Sources, build_method, build_training, canonical, schedule_of, shapes_of  # noqa: F401 (public)
 from kdcli.config import RunConfig, read_config_file, build_config, to_toml
 from kdcli.data import DataBundle, FolderSplit, build_data, make_loader
 from kdcli.engine.evaluate import evaluate
@@ -154,6 +154,11 @@ def resume(run_path: str | Path, reporter=None) -> dict[str, Any]:
     if not run_dir.config.is_file():
         raise KdError(f"{run_dir.path} is not a kd run folder (no config.toml)", "pass the --out folder of an earlier run")
     config = build_config(read_config_file(run_dir.config))
+    if config.data == CUSTOM_DATA:
+        raise KdError(
+            f"{run_dir.path} was started from Python with Dataset objects, which the command line cannot rebuild",
+            f"resume it from Python: kdcli.{config.command}(..., out={str(run_dir.path)!r}, resume=True) with the same objects",
+        )
     return run(replace(config, out=str(run_dir.path)), resume=True, reporter=reporter)
 
 

@@ -26,6 +26,9 @@ from kdcli.models.features import classifier_of, forward_outputs
 from kdcli.models.fold import fold_batchnorm
 
 
+CUSTOM_DATA = "custom"  # the config's name for data passed as Python objects
+
+
 @dataclass(frozen=True)
 class Sources:
     """Objects a run uses instead of building them from the config's names (Python API)."""

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from kdcli.errors import KdError
-from kdcli.weights import read_input
+from kdcli.weights import read_input, read_metadata
 
 FORMATS = ("torchscript", "onnx")
 SUFFIX = {"torchscript": ".pt", "onnx": ".onnx"}
@@ -88,8 +88,7 @@ def export(
 
 
 def metadata_data(weights: Path) -> str:
-    from kdcli.weights import read_metadata
-
+    """The dataset a kd weights file was trained on (how load_network looks up names), else ''."""
     return read_metadata(weights).get("dataset", "") if weights.suffix == ".safetensors" else ""
 
 

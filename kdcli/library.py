@@ -8,7 +8,7 @@ as `kd distill` (kdcli.api.run), and the call returns the same summary dict as `
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from kdcli import api, plugins
-from kdcli.build import Sources
+from kdcli.build import CUSTOM_DATA, Sources
 from kdcli.config import RunConfig, build_config, read_config_file
 from kdcli.data import build_data, make_loader
 from kdcli.data.custom import bundle_from_datasets
@@ -26,7 +26,6 @@ from kdcli.errors import KdError
 from kdcli.report import SilentReporter
 
 _CONFIG_KEYS = {f.name for f in fields(RunConfig)} - {"command", "student", "teacher", "method", "data", "epochs", "out"}
-CUSTOM_DATA = "custom"  # the config's name for data passed as objects
 
 
 def distill(
@@ -112,8 +111,6 @@ def _saved_config(out) -> RunConfig:
     run_dir = RunDir(out)
     if not run_dir.config.is_file():
         raise KdError(f"{run_dir.path} is not a kd run folder (no config.toml)", "pass the out= folder of an earlier run")
-    from dataclasses import replace
-
     return replace(build_config(read_config_file(run_dir.config)), out=str(run_dir.path))
 
 

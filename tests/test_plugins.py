@@ -287,3 +287,8 @@ def test_export_refuses_what_cannot_be_exported(kd, tmp_path):
     assert result.code == 2 and "cannot be exported to torchscript" in result.stderr and "Traceback" not in result.stderr
     assert kd("export", tmp_path / "nothing").code == 2
     assert "use onnx or torchscript" in kd("export", weights, "--format", "tflite").stderr
+
+
+def test_cli_resume_of_a_python_object_run_says_to_resume_from_python(kd, student_run):
+    result = kd("train", "--resume", student_run)
+    assert result.code == 2 and "resume it from Python" in result.stderr
