@@ -24,6 +24,8 @@ from kdcli.methods import Method, Shapes
 from kdcli.models import create_model, default_lr
 from kdcli.models.features import classifier_of, forward_outputs
 from kdcli.models.fold import fold_batchnorm
+from kdcli.models.prerelu import stage_bns
+from kdcli.teachers import is_external
 
 
 CUSTOM_DATA = "custom"  # the config's name for data passed as Python objects
@@ -55,8 +57,6 @@ def build_training(
     (already loaded) teacher is moved to the device and its BatchNorm folded into its convolutions
     (a copy: a caller's teacher object keeps its layers); the method is built from one validation batch.
     """
-    from kdcli.api import is_external  # name resolution lives with the teacher code (kdcli.api / teachers)
-
     torch.manual_seed(config.seed)
     if student is None:
         student = create_model(config.student, num_classes=bundle.num_classes, pretrained=config.pretrained and is_external(config.student))
@@ -89,6 +89,8 @@ def schedule_of(config: RunConfig) -> Schedule:
         weight_decay=config.weight_decay,
         milestones=config.milestone_epochs(),
         lr_decay=config.lr_decay,
+        optimizer=config.optimizer,
+        dot_delta=config.dot_delta,
     )
 
 
@@ -117,9 +119,11 @@ def build_method(
         if model is not None:
             check_provides(cls, config.method, role, model, shapes)
     head = classifier_of(teacher) if cls.needs.teacher_head and teacher is not None else None
+    extra = {"teacher_bn": stage_bns(teacher)} if cls.needs.teacher_bn and teacher is not None else {}
     torch.manual_seed(config.seed + 1)
     return cls(
-        student_shapes, teacher_shapes, len(train_labels), teacher_head=head, train_labels=train_labels, **config.options
+        student_shapes, teacher_shapes, len(train_labels), teacher_head=head, train_labels=train_labels,
+        **extra, **config.options,
     )
 
 

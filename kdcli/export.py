@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from kdcli.errors import KdError
-from kdcli.weights import read_input, read_metadata
+from kdcli.teachers import read_input, read_metadata
 
 FORMATS = ("torchscript", "onnx")
 SUFFIX = {"torchscript": ".pt", "onnx": ".onnx"}

@@ -13,7 +13,7 @@ import kdcli
 from kdcli import plugins
 from kdcli.data import build_data
 from kdcli.errors import KdError
-from kdcli.weights import load_model_file, read_metadata, save_model
+from kdcli.teachers import load_model_file, read_metadata, save_model
 from tests.conftest import MEASURED_FIELDS, TINY_DATA, _Silent
 from tests.plugin_models import FlatNet, StageNet, ToyImages
 
@@ -234,7 +234,7 @@ def test_cli_val_split_trains_on_a_folder_without_val(kd, tmp_path):
                 "--device", "cpu", "--workers", "0", "--batch-size", "8", "--out", tmp_path / "run", "--json")
     assert result.code == 0, result.stderr
     assert "val_split = 0.2" in (tmp_path / "run" / "config.toml").read_text()
-    missing = kd("train", "resnet8", "--data", f"imagefolder:{tmp_path / 'imgs'}", "--epochs", "1", "--out", tmp_path / "r2")
+    missing = kd("train", "resnet14", "--data", f"imagefolder:{tmp_path / 'imgs'}", "--epochs", "1", "--out", tmp_path / "r2")
     assert missing.code == 2 and "--val-split" in missing.stderr
 
 
