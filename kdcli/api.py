@@ -11,23 +11,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdcli import __version__
-from kdcli.batch import Batch
+from kdcli import __version__, plugins
+from kdcli.build import CUSTOM_DATA, Sources, build_method, build_training, canonical, schedule_of, shapes_of  # noqa: F401 (public)
 from kdcli.config import RunConfig, read_config_file, build_config, to_toml
 from kdcli.data import DataBundle, FolderSplit, build_data, make_loader
 from kdcli.engine.evaluate import evaluate
 from kdcli.engine.rundir import RunDir
 from kdcli.engine import distributed
 from kdcli.engine.precision import resolve_precision
-from kdcli.engine.trainer import Schedule, Trainer, config_fingerprint
+from kdcli.engine.trainer import Trainer, config_fingerprint
 from kdcli.errors import KdError
-from kdcli.methods import Method, Shapes, method_class
-from kdcli.models.prerelu import stage_bns
+from kdcli.methods import method_class
 from kdcli.methods.base import resolve_hparams
-from kdcli.models import create_model, default_lr
 from kdcli.models.registry import pretrained_input
-from kdcli.models.features import classifier_of, forward_outputs
-from kdcli.models.fold import fold_batchnorm
 from kdcli.logs import RunLogs, Tee, check_loggers
 from kdcli.recipe import recipe_rows
 from kdcli.report import ConsoleReporter, SilentReporter
@@ -47,11 +43,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def run(config: RunConfig, overwrite: bool = False, resume: bool = False, reporter=None) -> dict[str, Any]:
+def run(
+    config: RunConfig, overwrite: bool = False, resume: bool = False, reporter=None, sources: Sources = Sources()
+) -> dict[str, Any]:
     """Train (`config.command == "train"`) or distill; everything is validated before anything is written.
 
+    `sources` hands over objects (student, teacher, data) in place of the config's names (Python API).
     Under torchrun each process calls this; rank 0 alone writes the run folder.
     """
+    config = canonical(config)
     world = distributed.setup(config.device)
     device = resolve_device(config.device)
     if world.enabled and device.type == "cuda":
@@ -61,21 +61,25 @@ def run(config: RunConfig, overwrite: bool = False, resume: bool = False, report
                       "drop --nproc, or use --optimizer sgd")
     cls = method_class(config.method)
     resolve_hparams(cls, config.options)  # reject bad --set values before any slow work
-    check_architecture_name(config.student)
+    if sources.student is None:
+        check_architecture_name(config.student)
     check_loggers(config.log)
-    if config.command == "train" and not resume:
+    if config.command == "train" and not resume and storable(config, sources):
         check_free(config.student, config.data, overwrite)  # before hours of training, not after
-    bundle = build_data(config.data, data_dir=config.data_dir, download=config.download)
+    bundle = sources.bundle or build_data(config.data, data_dir=config.data_dir, download=config.download, val_split=config.val_split)
     if config.pretrained:
         bundle = with_pretrained_input(bundle, config.student, config.teacher if config.command == "distill" else None)
-    teacher = load_teacher(config, bundle.num_classes) if config.command == "distill" and cls.needs.teacher else None
-    if teacher is not None:
+    wants_teacher = config.command == "distill" and cls.needs.teacher
+    teacher = (sources.teacher or load_teacher(config, bundle.num_classes)) if wants_teacher else None
+    if teacher is not None and sources.teacher is None:
         config = with_teacher_record(config, resume)
-    student, teacher, method, train_loader, val_loader = build_training(config, cls, bundle, teacher, device, world)
+    student, teacher, method, train_loader, val_loader = build_training(
+        config, cls, bundle, teacher, device, world, student=sources.student
+    )
 
     run_dir = RunDir(config.out or distributed.broadcast_object(str(default_out(config))))
     config = replace(config, out=str(run_dir.path))
-    if teacher is not None and not resume:
+    if teacher is not None and not resume and sources.teacher is None:
         check_out_apart_from_teacher(run_dir, config)
     if not resume and world.is_main:
         run_dir.create(to_toml(config), overwrite=overwrite)
@@ -92,6 +96,7 @@ def run(config: RunConfig, overwrite: bool = False, resume: bool = False, report
         "teacher_source": config.teacher_source,
         "source": f"kd train, run {run_dir.path}" if config.command == "train" else None,
         **input_metadata(bundle.mean, bundle.std, bundle.input_size[0] if isinstance(bundle.val, FolderSplit) else None),
+        "input_shape": ",".join(map(str, next(iter(val_loader)).x.shape[1:])),  # what `kd export` traces with
     }
 
     def save_weights(path: Path, top1: float) -> None:
@@ -168,9 +173,14 @@ def run(config: RunConfig, overwrite: bool = False, resume: bool = False, report
         "kdcli_version": __version__,
     }
     run_dir.write_summary(summary)
-    if config.command == "train":
+    if config.command == "train" and storable(config, sources):
         summary["registered_as"] = _register_trained(run_dir.path / weights_name, config, overwrite)
     return summary
+
+
+def storable(config: RunConfig, sources: Sources) -> bool:
+    """A trained network goes to the teacher store when names find it again: not objects, not file specs."""
+    return sources.student is None and sources.bundle is None and "/" not in config.student
 
 
 def _register_trained(weights: Path, config: RunConfig, overwrite: bool) -> str | None:
@@ -200,67 +210,25 @@ def resume(run_path: str | Path, reporter=None) -> dict[str, Any]:
     if not run_dir.config.is_file():
         raise KdError(f"{run_dir.path} is not a kd run folder (no config.toml)", "pass the --out folder of an earlier run")
     config = build_config(read_config_file(run_dir.config))
+    if config.data == CUSTOM_DATA:
+        raise KdError(
+            f"{run_dir.path} was started from Python with Dataset objects, which the command line cannot rebuild",
+            f"resume it from Python: kdcli.{config.command}(..., out={str(run_dir.path)!r}, resume=True) with the same objects",
+        )
     return run(replace(config, out=str(run_dir.path)), resume=True, reporter=reporter)
-
-
-def build_training(
-    config: RunConfig, cls: type[Method], bundle: DataBundle, teacher: nn.Module | None, device: torch.device,
-    world: distributed.World = distributed.World(),
-) -> tuple[nn.Module, nn.Module | None, Method, Any, Any]:
-    """(student, teacher, method, train loader, val loader) on `device` for a run of `config`.
-
-    The student is created from `config.seed`; the (already loaded) teacher is moved to the device
-    and its BatchNorm folded into its convolutions; the method is built from one validation batch.
-    """
-    torch.manual_seed(config.seed)
-    from_published = config.pretrained if config.student_pretrained is None else config.student_pretrained
-    student = create_model(config.student, num_classes=bundle.num_classes, pretrained=from_published and is_external(config.student))
-    train_loader = make_loader(
-        bundle.train, bundle, distributed.check_batch(config.batch_size, world), True, device, config.seed,
-        config.workers, views=cls.needs.views, shard=(world.rank, world.size),
-    )
-    val_loader = make_loader(bundle.val, bundle, config.eval_batch_size, False, device, config.seed, config.workers)
-    if config.sync_bn and world.enabled:
-        if device.type != "cuda":
-            raise KdError("--sync-bn needs GPUs (PyTorch's SyncBatchNorm has no CPU kernel)", "drop --sync-bn for CPU runs")
-        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-    student.to(device, memory_format=memory_format)
-    if teacher is not None:
-        teacher.to(device, memory_format=memory_format)
-    sample = next(iter(val_loader))
-    method = build_method(cls, config, student, teacher, sample, bundle.train.labels).to(device)
-    if teacher is not None:
-        teacher, _ = fold_batchnorm(teacher, sample.x[:8], preact=cls.needs.preact)
-    return student, teacher, method, train_loader, val_loader
-
-
-def schedule_of(config: RunConfig) -> Schedule:
-    """The optimizer, lr schedule and step settings of `config`."""
-    return Schedule(
-        epochs=config.epochs,
-        lr=config.lr or default_lr(config.student),
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-        milestones=config.milestone_epochs(),
-        lr_decay=config.lr_decay,
-        optimizer=config.optimizer,
-        schedule=config.schedule,
-        warmup_epochs=config.warmup_epochs,
-        min_lr=config.min_lr,
-        step_size=config.step_size,
-        clip_grad=config.clip_grad,
-        accumulate=config.accumulate,
-        ema=config.ema,
-        dot_delta=config.dot_delta,
-    )
 
 
 def default_out(config: RunConfig) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    student = _short(config.student)
     if config.command == "train":
-        return Path("runs") / f"{config.student}-{_slug(config.data)}-{stamp}"
-    return Path("runs") / f"{_slug(config.teacher or 'none')}-{config.student}-{config.method}-{stamp}"
+        return Path("runs") / f"{student}-{_slug(config.data)}-{stamp}"
+    return Path("runs") / f"{_slug(config.teacher or 'none')}-{student}-{config.method}-{stamp}"
+
+
+def _short(name: str) -> str:
+    """A network's name in a folder name: a plug-in spec by its factory, `pkg.mod:make` -> `make`."""
+    return name.rpartition(":")[2] if plugins.is_plugin_spec(name) else name
 
 
 def _slug(text: str) -> str:
@@ -315,37 +283,6 @@ def _with_input(bundle: DataBundle, mean, std, size: int | None) -> DataBundle:
     folder = isinstance(bundle.val, FolderSplit)
     input_size = (size, size) if size and folder else bundle.input_size
     return replace(bundle, mean=tuple(mean), std=tuple(std), input_size=input_size)
-
-
-@torch.no_grad()
-def shapes_of(model: nn.Module, x: torch.Tensor) -> Shapes:
-    """Feature, embedding and class shapes from one forward pass in eval mode."""
-    was_training = model.training
-    model.eval()
-    out = forward_outputs(model, x)
-    model.train(was_training)
-    return Shapes(
-        features=[tuple(f.shape[1:]) for f in out.features],
-        embedding=int(out.embedding.shape[1]) if out.embedding is not None else 0,
-        num_classes=int(out.logits.shape[1]),
-    )
-
-
-def build_method(
-    cls: type[Method], config: RunConfig, student: nn.Module, teacher: nn.Module | None, batch: Batch, train_labels: torch.Tensor
-) -> Method:
-    """The method, built from the networks' shapes (dry run on one batch) and its --set options."""
-    x = batch.x[:2]
-    student_shapes = shapes_of(student, x)
-    teacher_shapes = shapes_of(teacher, x) if teacher is not None else Shapes()
-    head = classifier_of(teacher) if cls.needs.teacher_head and teacher is not None else None
-    extra = {"teacher_bn": stage_bns(teacher)} if cls.needs.teacher_bn and teacher is not None else {}
-    torch.manual_seed(config.seed + 1)
-    method = cls(
-        student_shapes, teacher_shapes, len(train_labels), teacher_head=head, train_labels=train_labels, **extra, **config.options
-    )
-    method.label_smoothing = config.label_smoothing
-    return method
 
 
 def evaluate_checkpoint(

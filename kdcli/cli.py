@@ -45,7 +45,8 @@ def _flags_show_no_type() -> None:
 _flags_show_no_type()
 
 # Options shared by `kd train` and `kd distill` (one definition each).
-Data = Annotated[Optional[str], typer.Option("--data", help="cifar10, cifar100, imagefolder:PATH, digits, synthetic[:k=v,...]")]
+Data = Annotated[Optional[str], typer.Option("--data", help="cifar10, cifar100, imagefolder:PATH, digits, synthetic[:k=v,...], or your pkg.module:factory returning (train, val[, num_classes]) Datasets")]
+ValSplit = Annotated[Optional[float], typer.Option("--val-split", help="imagefolder:PATH without val/: hold out this fraction of each class for validation.")]
 DataDir = Annotated[Optional[str], typer.Option("--data-dir", help="Folder holding the dataset files.")]
 Download = Annotated[Optional[bool], typer.Option("--download", help="Download the dataset, and a CIFAR-100 release teacher missing from the store, if missing (needs internet).")]
 Epochs = Annotated[Optional[int], typer.Option("--epochs", help="Training epochs (default 240; lr milestones scale with it).")]
@@ -145,7 +146,7 @@ def _check_resume_alone(flags: dict[str, Any], preset: str | None, overwrite: bo
 def train(
     model: Annotated[Optional[str], typer.Argument(help="Network to train, e.g. resnet110 (see `kd list models`).")] = None,
     data: Data = None, data_dir: DataDir = None, download: Download = None, epochs: Epochs = None,
-    batch_size: BatchSize = None, lr: Lr = None, seed: Seed = None, device: Device = None,
+    batch_size: BatchSize = None, lr: Lr = None, seed: Seed = None, device: Device = None, val_split: ValSplit = None,
     precision: Precision = None, compile_: Compile = None,
     workers: Workers = None, out: Out = None, preset: Preset = None, resume: Resume = None,
     overwrite: Overwrite = False, json_out: Json = False, pretrained: Pretrained = None, nproc: Nproc = 1, sync_bn: SyncBn = None,
@@ -159,7 +160,7 @@ def train(
     flags = dict(
         command="train", student=model, method="none", data=data, data_dir=data_dir, download=download, pretrained=pretrained,
         epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, workers=workers, out=out,
-        precision=precision, compile=compile_, sync_bn=sync_bn,
+        precision=precision, compile=compile_, sync_bn=sync_bn, val_split=val_split,
         **_recipe_flags(optimizer, schedule, warmup_epochs, min_lr, step_size, weight_decay, label_smoothing, clip_grad,
                         accumulate, ema, log),
     )
@@ -169,12 +170,12 @@ def train(
 @app.command()
 def distill(
     teacher: Annotated[Optional[str], typer.Option("--teacher", "-t", help="Trained teacher: a name from the teacher store, a kd .safetensors or a RepDistiller .pth.")] = None,
-    student: Annotated[Optional[str], typer.Option("--student", "-s", help="Student network, e.g. resnet20.")] = None,
+    student: Annotated[Optional[str], typer.Option("--student", "-s", help="Student network, e.g. resnet20, timm:NAME, or your own pkg.module:factory / file.py:factory.")] = None,
     method: Annotated[Optional[str], typer.Option("--method", "-m", help="Distillation method (see `kd list methods`).")] = None,
-    teacher_arch: Annotated[Optional[str], typer.Option("--teacher-arch", help="Architecture of a .pth teacher outside an <arch>_vanilla folder.")] = None,
+    teacher_arch: Annotated[Optional[str], typer.Option("--teacher-arch", help="Architecture of a .pth teacher outside an <arch>_vanilla folder (a name or pkg.module:factory).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Method option KEY=VALUE (repeatable), e.g. --set T=4.")] = None,
     data: Data = None, data_dir: DataDir = None, download: Download = None, epochs: Epochs = None,
-    batch_size: BatchSize = None, lr: Lr = None, seed: Seed = None, device: Device = None,
+    batch_size: BatchSize = None, lr: Lr = None, seed: Seed = None, device: Device = None, val_split: ValSplit = None,
     precision: Precision = None, compile_: Compile = None,
     workers: Workers = None, out: Out = None, preset: Preset = None, resume: Resume = None,
     overwrite: Overwrite = False, json_out: Json = False, pretrained: Pretrained = None, nproc: Nproc = 1, sync_bn: SyncBn = None,
@@ -188,8 +189,7 @@ def distill(
         command="distill", teacher=teacher, student=student, method=method, teacher_arch=teacher_arch,
         options=parse_set_options(set_ or []) or None, data=data, data_dir=data_dir, download=download, pretrained=pretrained,
         epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, workers=workers, out=out,
-        precision=precision, compile=compile_, sync_bn=sync_bn,
-        dot_delta=dot_delta,
+        precision=precision, compile=compile_, sync_bn=sync_bn, dot_delta=dot_delta, val_split=val_split,
         **_recipe_flags(optimizer, schedule, warmup_epochs, min_lr, step_size, weight_decay, label_smoothing, clip_grad,
                         accumulate, ema, log),
     )
@@ -239,6 +239,28 @@ def eval_(
         ("device", f"{result['device']}, {plural(result['threads'], 'thread')}, {result['precision']}"),
     ]
     print_fields(f"kd eval {checkpoint}", rows)
+
+
+@app.command("export")
+def export_(
+    source: Annotated[str, typer.Argument(help="A kd run folder or a kd .safetensors weights file.")],
+    format_: Annotated[str, typer.Option("--format", "-f", help="torchscript or onnx (onnx needs the onnx extra).")] = "torchscript",
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="File to write (default: beside the weights, .pt or .onnx).")] = None,
+    batch_size: Annotated[str, typer.Option("--batch-size", "-b", help="dynamic, or a fixed batch size baked into the file.")] = "dynamic",
+    input_size: Annotated[Optional[str], typer.Option("--input-size", help="C,H,W for weights that do not record it, e.g. 3,32,32.")] = None,
+    json_out: Json = False,
+) -> None:
+    """Export a trained network for deployment, with its input normalisation as metadata, checked numerically against PyTorch."""
+    from kdcli.export import export
+
+    result = export(source, format_, out, batch_size, input_size).summary()
+    if json_out:
+        print_json(result)
+        return
+    rows = [("file", result["path"]), ("format", result["format"]),
+            ("max abs difference vs PyTorch", "-" if result["max_abs_diff"] is None else f"{result['max_abs_diff']:.3g}"), ("checked with", result["checked_with"]),
+            ("input", result.get("meta_input_shape")), ("mean", result.get("meta_mean")), ("std", result.get("meta_std"))]
+    print_fields(f"kd export {source}", rows)
 
 
 ListJson = Annotated[bool, typer.Option("--json", help="Print the list as one JSON array on stdout (for scripts).")]
@@ -361,7 +383,7 @@ def _print_imported(imported, json_out: bool) -> None:
 def compare(
     runs: Annotated[Optional[list[str]], typer.Argument(help="Finished run folders to aggregate (searched recursively); leave out to train the comparison.", show_default=False)] = None,
     teacher: Annotated[Optional[str], typer.Option("--teacher", "-t", help="Trained teacher: a name from the teacher store, a kd .safetensors or a RepDistiller .pth.")] = None,
-    student: Annotated[Optional[str], typer.Option("--student", "-s", help="Student network, e.g. resnet20.")] = None,
+    student: Annotated[Optional[str], typer.Option("--student", "-s", help="Student network, e.g. resnet20, timm:NAME, or your own pkg.module:factory / file.py:factory.")] = None,
     methods: Annotated[Optional[str], typer.Option("--methods", "-m", help="Methods to compare, comma-separated (default none,kd, or the preset's); none is the plain student.")] = None,
     seeds: Annotated[Optional[str], typer.Option("--seeds", help="3 for seeds 0,1,2, or a list such as 0,1,2 (default 1, or the preset's).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="KEY=VALUE for every method that has KEY, METHOD.KEY=VALUE for one (repeatable).")] = None,

@@ -33,6 +33,7 @@ class RunConfig:
     options: dict[str, Any] = field(default_factory=dict)  # method hyperparameters (--set)
     data: str = "cifar100"
     data_dir: str | None = None
+    val_split: float | None = None  # image folders without val/: fraction of train/ held out
     download: bool = False
     epochs: int = 240
     batch_size: int = 64

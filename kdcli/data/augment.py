@@ -56,10 +56,14 @@ def random_crop_flip(images: Tensor, padding: int = 4, generator: torch.Generato
 
 
 def normalize(x: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor) -> Tensor:
-    """uint8 [B, C, H, W] in 0..255 -> float32 (x/255 - mean) / std, per channel."""
+    """uint8 [B, C, H, W] in 0..255 -> float32 (x/255 - mean) / std, per channel.
+
+    Float images (a user's Dataset of tensors) are taken as they are, on the scale mean/std were measured on.
+    """
     mean = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
     std = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    return (x.float() / 255.0 - mean) / std
+    scaled = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    return (scaled - mean) / std
 
 
 def rotation_views(images: Tensor, padding: int = 4, generator: torch.Generator | None = None) -> Tensor:

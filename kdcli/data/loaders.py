@@ -21,6 +21,7 @@ from torchvision import transforms as T
 
 from kdcli.batch import Batch
 from kdcli.data.augment import VIEWS, normalize, random_crop_flip
+from kdcli.data.custom import DatasetSplit, image_tensor
 from kdcli.data.registry import DataBundle, FolderSplit, InMemorySplit, Split
 from kdcli.errors import KdError
 
@@ -171,12 +172,14 @@ class _Indexed(Dataset):
 
     def __getitem__(self, key: tuple[int, int | None]):
         index, seed = key
-        image, label = self.dataset[index]
         if seed is None:
+            image, label = self.dataset[index]
             return self.transform(image), label, index
-        # torchvision's transforms draw from the global RNG: seed a private copy of it.
+        # torchvision's transforms (and a user's Dataset augmenting in __getitem__) draw from the
+        # global RNG: seed a private copy of it.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
+            image, label = self.dataset[index]
             return self.transform(image), label, index
 
 
@@ -209,13 +212,15 @@ class FolderLoader:
         num_workers: int = 4,
         drop_last: bool = False,
         shard: tuple[int, int] = (0, 1),
+        transform=None,
     ):
+        """`transform`: sample -> image tensor, replacing the folder crops (a user's Dataset augments itself)."""
         self.device = torch.device(device)
         self.mean = torch.as_tensor(mean, dtype=torch.float32, device=self.device)
         self.std = torch.as_tensor(std, dtype=torch.float32, device=self.device)
         self.sampler = _EpochSampler(len(split), batch_size, train, seed, shard)
         self.loader = DataLoader(
-            _Indexed(split.dataset, folder_transform(size, train)),
+            _Indexed(split.dataset, transform or folder_transform(size, train)),
             batch_size=batch_size,
             sampler=self.sampler,
             drop_last=drop_last,
@@ -276,4 +281,5 @@ def make_loader(
     workers = default_num_workers() if num_workers is None else num_workers
     size = bundle.input_size[0]
     mean, std = bundle.mean, bundle.std
-    return FolderLoader(split, batch_size, train, mean, std, size, device, seed, workers, drop_last, shard)
+    transform = image_tensor if isinstance(split, DatasetSplit) else None
+    return FolderLoader(split, batch_size, train, mean, std, size, device, seed, workers, drop_last, shard, transform)

@@ -100,6 +100,7 @@ def build_data(
     download: bool = False,
     seed: int = 0,
     image_size: int | None = None,
+    val_split: float | None = None,
 ) -> DataBundle:
     """The dataset named by `spec` (see the module doc), with its train and val splits.
 
@@ -110,7 +111,16 @@ def build_data(
         seed drives shuffling and augmentation in the loaders.
     image_size: side of the square crops an image folder is trained and evaluated at (default 224);
         in-memory sets are used at their native size.
+    val_split: for an image folder without val/, the fraction of each class held out for validation.
+    A `pkg.module:factory` / `file.py:factory` spec calls the user's factory (see kdcli.data.custom).
     """
+    from kdcli import plugins
+
+    if plugins.is_plugin_spec(spec):
+        from kdcli.data.custom import bundle_from_datasets
+
+        _no_val_split(val_split, "your own data (split it in the factory)")
+        return bundle_from_datasets(*plugins.call_data_factory(spec), name=spec)
     name, sep, arg = spec.strip().partition(":")
     name = name.strip().lower()
     entry = _DATASETS.get(name)
@@ -121,11 +131,19 @@ def build_data(
             f"dataset {name!r} has a fixed image size; image_size applies to imagefolder:PATH only",
             "leave the image size unset for this dataset",
         )
+    if name == "imagefolder":
+        return entry.build(arg, data_dir=data_dir, download=download, image_size=image_size, val_split=val_split)
+    _no_val_split(val_split, f"dataset {name!r} (its split is fixed)")
     if entry.takes_arg:
         return entry.build(arg, data_dir=data_dir, download=download, image_size=image_size)
     if sep:
         raise KdError(f"dataset {name!r} takes no options (got {arg!r})", f"write just {name!r}")
     return entry.build(data_dir=data_dir, download=download)
+
+
+def _no_val_split(val_split: float | None, what: str) -> None:
+    if val_split is not None:
+        raise KdError(f"--val-split does not apply to {what}", "--val-split is for imagefolder:PATH without a val/ folder")
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
@@ -205,7 +223,7 @@ _FOLDER_HINT = "imagefolder:PATH needs PATH/train/ and PATH/val/, each with a su
     "imagefolder:PATH - your own images in PATH/train/<class>/ and PATH/val/<class>/",
     takes_arg=True,
 )
-def _imagefolder(path: str, data_dir=None, download=False, image_size: int | None = None) -> DataBundle:
+def _imagefolder(path: str, data_dir=None, download=False, image_size: int | None = None, val_split: float | None = None) -> DataBundle:
     if not path.strip():
         raise KdError("imagefolder needs a path", _FOLDER_HINT)
     size = 224 if image_size is None else image_size
@@ -214,10 +232,14 @@ def _imagefolder(path: str, data_dir=None, download=False, image_size: int | Non
     root = Path(path.strip()).expanduser()
     if not root.is_dir():
         raise KdError(f"image folder {root} does not exist", _FOLDER_HINT)
-    missing = [sub for sub in ("train", "val") if not (root / sub).is_dir()]
-    if missing:
-        raise KdError(f"image folder {root} has no {' or '.join(s + '/' for s in missing)}", _FOLDER_HINT)
-    train, val = _image_folder(root / "train"), _image_folder(root / "val")
+    if val_split is not None:
+        train, val = _held_out(root, val_split)
+    else:
+        missing = [sub for sub in ("train", "val") if not (root / sub).is_dir()]
+        if missing:
+            hint = _FOLDER_HINT + " (or, without val/, pass --val-split 0.1 to hold out 10% of train/)"
+            raise KdError(f"image folder {root} has no {' or '.join(s + '/' for s in missing)}", hint)
+        train, val = _image_folder(root / "train"), _image_folder(root / "val")
     if train.classes != val.classes:
         only_train = sorted(set(train.classes) - set(val.classes))
         only_val = sorted(set(val.classes) - set(train.classes))
@@ -235,6 +257,31 @@ def _imagefolder(path: str, data_dir=None, download=False, image_size: int | Non
         train=FolderSplit(train),
         val=FolderSplit(val),
     )
+
+
+def _held_out(root: Path, fraction: float) -> tuple[ImageFolder, ImageFolder]:
+    """train/ (or PATH itself) split per class: every image whose seeded rank falls in the first
+    `fraction` of its class goes to val. The split depends only on the file list, never on the run seed."""
+    if not 0 < fraction < 1:
+        raise KdError(f"--val-split {fraction} is invalid", "use a fraction between 0 and 1, e.g. 0.1")
+    if (root / "val").is_dir():
+        raise KdError(f"{root} has a val/ folder already", "drop --val-split to validate on val/")
+    folder = root / "train" if (root / "train").is_dir() else root
+    train, val = _image_folder(folder), _image_folder(folder)
+    order = torch.randperm(len(train.samples), generator=torch.Generator().manual_seed(DIGITS_SPLIT_SEED)).tolist()
+    by_class: dict[int, list[int]] = {}
+    for i in order:
+        by_class.setdefault(train.targets[i], []).append(i)
+    held = set()
+    for label, members in by_class.items():
+        if len(members) < 2:
+            raise KdError(f"class {train.classes[label]!r} has {len(members)} image", "--val-split needs at least 2 images per class")
+        held.update(members[: min(len(members) - 1, max(1, round(fraction * len(members))))])
+    for dataset, keep in ((train, lambda i: i not in held), (val, lambda i: i in held)):
+        dataset.samples = [s for i, s in enumerate(dataset.samples) if keep(i)]
+        dataset.imgs = dataset.samples
+        dataset.targets = [label for _, label in dataset.samples]
+    return train, val
 
 
 def _image_folder(folder: Path) -> ImageFolder:

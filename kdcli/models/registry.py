@@ -61,7 +61,8 @@ def default_lr(name: str) -> float:
 
 
 def create_model(name: str, num_classes: int = 100, *, pretrained: bool = False, **kw) -> nn.Module:
-    """Build a model by name: a CIFAR zoo name, `timm:NAME` or `tv:NAME` (torchvision).
+    """Build a model by name: a CIFAR zoo name, `timm:NAME`, `tv:NAME` (torchvision), or the user's
+    `pkg.module:factory` / `path/to/file.py:factory` (see kdcli.plugins).
 
     `pretrained=True` loads timm's / torchvision's default weights (the zoo has none built in;
     its trained teachers come from checkpoints). Extra keywords go to timm / torchvision.
@@ -70,6 +71,12 @@ def create_model(name: str, num_classes: int = 100, *, pretrained: bool = False,
         raise KdError(
             f"num_classes must be a positive integer, got {num_classes!r}", "it comes from the dataset's class count"
         )
+    from kdcli import plugins
+
+    if plugins.is_plugin_spec(name):
+        if pretrained or kw:
+            raise KdError(f"{name} is your own model: kd has no pretrained weights or options for it", "drop --pretrained; set options inside the factory")
+        return plugins.build_model(name, num_classes)
     source, sep, arch = name.partition(":")
     if not sep:
         return _zoo_model(name, num_classes, pretrained, kw)
@@ -79,7 +86,7 @@ def create_model(name: str, num_classes: int = 100, *, pretrained: bool = False,
         return _torchvision_model(arch, num_classes, pretrained, kw)
     raise KdError(
         f"unknown model source {source!r} in {name!r}",
-        "use a CIFAR zoo name (see `kd list models`), `timm:NAME` or `tv:NAME`",
+        "use a CIFAR zoo name (see `kd list models`), `timm:NAME`, `tv:NAME`, or your own pkg.module:factory / file.py:factory",
     )
 
 
