@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import errno
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from kdcli import __version__
 from kdcli.batch import Batch
-from kdcli.config import RunConfig, read_config_file, build_config, to_toml
+from kdcli.config import RunConfig, load_run_config, to_toml
 from kdcli.data import DataBundle, FolderSplit, build_data, make_loader
 from kdcli.engine.evaluate import evaluate
 from kdcli.engine.rundir import RunDir
@@ -28,7 +31,7 @@ from kdcli.models.registry import pretrained_input
 from kdcli.models.features import classifier_of, forward_outputs
 from kdcli.models.fold import fold_batchnorm
 from kdcli.report import ConsoleReporter, SilentReporter
-from kdcli.store import find_teacher, register_teacher
+from kdcli.store import check_kd_home, find_teacher, register_teacher
 from kdcli.profiling import count_params, profile
 from kdcli.weights import input_metadata, is_weights_path, load_model_file, read_input, read_metadata, save_model
 
@@ -46,7 +49,22 @@ def run(config: RunConfig, overwrite: bool = False, resume: bool = False, report
 
     Under torchrun each process calls this; rank 0 alone writes the run folder.
     """
+    config.validate()
+    check_kd_home()
     world = distributed.setup(config.device)
+    # A resumed run is locked first: a second process on the same folder is refused before any work.
+    run_dir = RunDir(config.out) if resume else None
+    if run_dir is not None and world.is_main:
+        run_dir.lock()
+    try:
+        with disk_full_as_error(config):
+            return _run(config, world, run_dir, overwrite, resume, reporter)
+    finally:
+        if run_dir is not None:
+            run_dir.unlock()
+
+
+def _run(config: RunConfig, world, run_dir: RunDir | None, overwrite: bool, resume: bool, reporter) -> dict[str, Any]:
     device = resolve_device(config.device)
     if world.enabled and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
@@ -59,13 +77,22 @@ def run(config: RunConfig, overwrite: bool = False, resume: bool = False, report
     teacher = load_teacher(config, bundle.num_classes) if config.command == "distill" and cls.needs.teacher else None
     student, teacher, method, train_loader, val_loader = build_training(config, cls, bundle, teacher, device, world)
 
-    run_dir = RunDir(config.out or distributed.broadcast_object(str(default_out(config))))
+    run_dir = run_dir or RunDir(config.out or distributed.broadcast_object(str(default_out(config))))
     config = replace(config, out=str(run_dir.path))
     if teacher is not None and not resume:
         check_out_apart_from_teacher(run_dir, config)
     if not resume and world.is_main:
-        run_dir.create(to_toml(config), overwrite=overwrite)
-    distributed.barrier()
+        run_dir.create(to_toml(config), overwrite=overwrite)  # takes the folder's lock
+    try:
+        distributed.barrier()
+        return _fit(config, world, run_dir, bundle, cls, student, teacher, method, train_loader, val_loader, device,
+                    resume, reporter)
+    finally:
+        run_dir.unlock()
+
+
+def _fit(config, world, run_dir, bundle, cls, student, teacher, method, train_loader, val_loader, device, resume, reporter):
+    """Train in the locked run folder and write its weights and summary."""
 
     weights_name = "model.safetensors" if config.command == "train" else "student.safetensors"
     metadata = {
@@ -100,6 +127,11 @@ def run(config: RunConfig, overwrite: bool = False, resume: bool = False, report
         return {"rank": world.rank, "run_dir": str(run_dir.path)}
 
     history = run_dir.read_metrics()
+    if not history:
+        raise KdError(
+            f"{run_dir.metrics} is empty or missing, but the run's checkpoint says all {config.epochs} epochs are done",
+            f"the run folder was changed by hand: restore metrics.jsonl, or start the run again with --overwrite",
+        )
     last = history[-1]
     save_weights(run_dir.path / weights_name, last["val_top1"])
     summary = {
@@ -138,11 +170,30 @@ def run(config: RunConfig, overwrite: bool = False, resume: bool = False, report
 
 def resume(run_path: str | Path, reporter=None) -> dict[str, Any]:
     """Continue the run in `run_path` from its last checkpoint, with the config saved there."""
-    run_dir = RunDir(run_path)
-    if not run_dir.config.is_file():
-        raise KdError(f"{run_dir.path} is not a kd run folder (no config.toml)", "pass the --out folder of an earlier run")
-    config = build_config(read_config_file(run_dir.config))
-    return run(replace(config, out=str(run_dir.path)), resume=True, reporter=reporter)
+    return run(load_run_config(run_path), resume=True, reporter=reporter)
+
+
+@contextmanager
+def disk_full_as_error(config: RunConfig):
+    """A full disk while a run writes is the environment, not a bug: say so, where, and how to go on."""
+    try:
+        yield
+    except (OSError, SafetensorError) as exc:
+        if not is_disk_full(exc):
+            raise
+        where = getattr(exc, "filename", None) or config.out or "the run folder"
+        raise KdError(
+            f"the disk is full: no space left on the device holding {where}",
+            f"free some space, then `kd {config.command} --resume {config.out or 'RUN_FOLDER'}` continues from the last checkpoint",
+            exit_code=1,
+        ) from None
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC (or EDQUOT) from Python, or the same error reported through safetensors' Rust writer."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(exc) or "os error 28" in str(exc)
 
 
 def build_training(

@@ -10,7 +10,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
+from kdcli import schema
 from kdcli.errors import KdError, did_you_mean, unknown
+from kdcli.schema import Bool, Float, Int, ListOf, Optional, Str, Table
 
 # RepDistiller's CIFAR-100 milestones (150, 180, 210 of 240 epochs), kept as fractions so that they
 # scale with --epochs.
@@ -55,30 +59,28 @@ class RunConfig:
         return [max(1, math.ceil(f * self.epochs)) for f in DEFAULT_MILESTONE_FRACTIONS]
 
     def validate(self) -> None:
-        """Reject numbers no run can use, before anything is written."""
-        checks = [
-            (self.epochs >= 1, "epochs", self.epochs, "at least 1"),
-            (self.batch_size >= 1, "batch-size", self.batch_size, "at least 1"),
-            (self.eval_batch_size >= 1, "eval-batch-size", self.eval_batch_size, "at least 1"),
-            (self.lr is None or self.lr > 0, "lr", self.lr, "a positive number"),
-            (self.momentum >= 0, "momentum", self.momentum, "0 or more"),
-            (self.weight_decay >= 0, "weight-decay", self.weight_decay, "0 or more"),
-            (0 < self.lr_decay <= 1, "lr-decay", self.lr_decay, "in (0, 1]"),
-            (self.workers >= 0, "workers", self.workers, "0 or more"),
-        ]
-        for ok, name, value, expected in checks:
-            if not ok:
-                raise KdError(f"--{name} {value} is invalid", f"use {expected}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise KdError(f"--precision {self.precision!r} is invalid", "use auto, fp32 or bf16")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise KdError(f"--device {self.device!r} is invalid", "use auto, cpu, cuda or cuda:N")
+        """Reject values no run can use (types, ranges, finiteness), before anything is written."""
+        for name, value in self.to_dict().items():
+            setattr(self, name, schema.checked(FIELD_KINDS[name], value, flag_name(name)))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 FIELD_NAMES = {f.name for f in fields(RunConfig)}
+# The one schema of a run's settings: flags, presets and config.toml are all checked against it.
+FIELD_KINDS = {
+    "command": Str(("train", "distill")),
+    "student": Str(), "pretrained": Bool(), "teacher": Optional(Str()), "teacher_arch": Optional(Str()),
+    "method": Str(), "options": Table(), "data": Str(), "data_dir": Optional(Str()), "download": Bool(),
+    "epochs": Int(1, 100_000), "batch_size": Int(1, 1 << 20), "eval_batch_size": Int(1, 1 << 20),
+    "lr": Optional(Float(0.0, 1e3, low_open=True)), "momentum": Float(0.0, 1.0), "weight_decay": Float(0.0, 1.0),
+    "milestones": Optional(ListOf(Int(1, 100_000))), "lr_decay": Float(0.0, 1.0, low_open=True),
+    "seed": Int(0, 2**63 - 1),  # torch generators take 64 bits; the method's seed is seed + 1
+    "device": Str(("auto", "cpu", "cuda"), prefixes=("cuda:",)), "precision": Str(("auto", "fp32", "bf16")),
+    "channels_last": Bool(), "compile": Bool(), "sync_bn": Bool(), "workers": Int(0, 256), "out": Optional(Str()),
+}
+assert FIELD_KINDS.keys() == FIELD_NAMES
 # Tables a preset may hold for one command only; RunConfig ignores them (`[compare]`: the grid of kd compare).
 COMMAND_TABLES = {"compare"}
 
@@ -110,26 +112,64 @@ def load_preset(name: str) -> dict[str, Any]:
     return read_config_file(path)
 
 
-def read_config_file(path: Path) -> dict[str, Any]:
-    """A preset or config.toml as a dict of RunConfig fields; `[options]` holds method options."""
+class FileLayer(dict):
+    """Config keys read from a file; `source` names it in error messages."""
+
+    def __init__(self, values: dict[str, Any], source: Path):
+        super().__init__(values)
+        self.source = source
+
+
+def flag_name(key: str) -> str:
+    return "--set" if key == "options" else f"--{key.replace('_', '-')}"
+
+
+def read_config_file(path: Path) -> FileLayer:
+    """A preset or config.toml as RunConfig fields (`[options]`: method options), each value type-checked."""
+    path = Path(path)
     try:
-        values = tomllib.loads(path.read_text())
+        values = tomllib.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise KdError(f"config file {path} does not exist", "check the path") from None
+    except IsADirectoryError:
+        raise KdError(f"config file {path} is a folder", "pass the path of a .toml file") from None
+    except OSError as exc:
+        raise KdError(f"cannot read {path} ({exc.strerror})", "check the path and its permissions") from None
+    except UnicodeDecodeError as exc:
+        raise KdError(f"{path} is not UTF-8 text (byte {exc.start} cannot be decoded)",
+                      "TOML files are UTF-8: save it as UTF-8, or restore it if it was damaged") from None
     except tomllib.TOMLDecodeError as exc:
         raise KdError(f"{path} is not valid TOML: {exc}", "fix the syntax at the position shown") from None
     for key in values:
         if key not in FIELD_NAMES | COMMAND_TABLES:
             raise KdError(f"{path}: unknown key {key!r}", did_you_mean(key, FIELD_NAMES | COMMAND_TABLES))
-    return values
+    layer = FileLayer(values, path)
+    check_layer(layer)
+    return layer
+
+
+def check_layer(layer: dict[str, Any]) -> dict[str, Any]:
+    """Each value of a layer checked against the schema, named as its source wrote it (flag or file key)."""
+    source = getattr(layer, "source", None)
+    for key, value in layer.items():
+        if value is None or key in COMMAND_TABLES:
+            continue
+        if key not in FIELD_KINDS:
+            raise unknown("setting", key, FIELD_NAMES)
+        where = f"{source}: {key} =" if source is not None else flag_name(key)
+        layer[key] = schema.checked(FIELD_KINDS[key], value, where)
+    return layer
 
 
 def build_config(*layers: dict[str, Any]) -> RunConfig:
-    """Merge layers left to right (later wins; None means 'not given'); `options` tables merge too."""
+    """Merge layers left to right (later wins; None means 'not given'); `options` tables merge too.
+
+    Every layer is type-checked before the merge, the merged config against its ranges after it.
+    """
     merged: dict[str, Any] = {}
     options: dict[str, Any] = {}
     for layer in layers:
-        for key, value in layer.items():
+        for key, value in check_layer(layer if isinstance(layer, FileLayer) else dict(layer)).items():
             if value is None or key in COMMAND_TABLES:
                 continue
             if key == "options":
@@ -139,6 +179,14 @@ def build_config(*layers: dict[str, Any]) -> RunConfig:
     config = RunConfig(**merged, options=options)
     config.validate()
     return config
+
+
+def load_run_config(folder: str | Path) -> RunConfig:
+    """The resolved config of the run in `folder` (its config.toml), validated like any other input."""
+    path = Path(folder) / "config.toml"
+    if not path.is_file():
+        raise KdError(f"{folder} is not a kd run folder (no config.toml)", "pass the --out folder of an earlier run")
+    return dataclasses.replace(build_config(read_config_file(path)), out=str(folder))
 
 
 def parse_set_options(pairs: list[str]) -> dict[str, str]:
@@ -153,21 +201,11 @@ def parse_set_options(pairs: list[str]) -> dict[str, str]:
 
 
 def to_toml(config: RunConfig) -> str:
-    """config.toml text: top-level keys, then the [options] table. None values are omitted."""
-    data = config.to_dict()
-    options = data.pop("options")
-    lines = [f"{key} = {_toml_value(value)}" for key, value in data.items() if value is not None]
-    lines += ["", "[options]"]
-    lines += [f"{key} = {_toml_value(value)}" for key, value in sorted(options.items())]
-    return "\n".join(lines) + "\n"
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{text}"'
+    """config.toml text (a real TOML writer: any path or string reads back); None values are omitted."""
+    data = {key: value for key, value in config.to_dict().items() if value is not None}
+    data["options"] = dict(sorted(data.get("options", {}).items()))
+    text = tomli_w.dumps(data)
+    if tomllib.loads(text) != data:  # kd only ever writes a file it reads back the same
+        raise KdError("the run's settings cannot be written as TOML that reads back the same",
+                      "use plain strings, numbers and booleans for --set values")
+    return text

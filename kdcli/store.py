@@ -11,10 +11,26 @@ import shutil
 from pathlib import Path
 
 from kdcli.engine.checkpoint import atomic_write
+from kdcli.errors import KdError
 
 
 def kd_home() -> Path:
     return Path(os.environ.get("KD_HOME", "~/.cache/kdcli")).expanduser()
+
+
+def check_kd_home() -> Path:
+    """The teacher store's root, refused up front when it (or a folder above it) is a file: found at
+    the start of a run, not after the run trained and tries to register its weights."""
+    home = kd_home()
+    for folder in (home / "teachers", home, *home.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise KdError(
+                    f"KD_HOME {home} is not a folder ({folder} is a file)",
+                    "point KD_HOME at a folder (or unset it for ~/.cache/kdcli); kd keeps its teacher store there",
+                )
+            break
+    return home
 
 
 def dataset_key(dataset: str) -> str:

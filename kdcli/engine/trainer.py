@@ -323,7 +323,8 @@ class Trainer:
         raise KdError(
             f"training diverged: the loss became non-finite by step {step} of epoch {epoch} ({described})",
             f"lower --lr or the method's weights (--set ...), or train with --precision fp32; "
-            f"the last good checkpoint is kept in {self.run.checkpoints}",
+            + (f"the last good checkpoint is kept in {self.run.checkpoints}" if self.run.last.exists()
+               else "it diverged before its first checkpoint, so start it again in a new --out"),
             exit_code=1,
         )
 

@@ -47,6 +47,7 @@ class FitNet(Method):
     year = 2015
     needs = Needs(features=True)
     defaults = {"ce": 1.0, "kd": 0.0, "T": 4.0, "beta": 100.0, "hint": 2}
+    ranges = {"beta": "nonnegative"}
 
     def __init__(self, student: Shapes, teacher: Shapes, num_samples: int, teacher_head=None, **hparams: Any):
         super().__init__(student, teacher, num_samples, teacher_head=teacher_head, **hparams)
