@@ -16,7 +16,7 @@ from torch import nn
 
 from kdcli import __version__
 from kdcli.batch import Batch
-from kdcli.config import RunConfig, load_run_config, to_toml
+from kdcli.config import RunConfig, check_layer, load_run_config, to_toml
 from kdcli.data import DataBundle, FolderSplit, build_data, make_loader
 from kdcli.engine.evaluate import evaluate
 from kdcli.engine.rundir import RunDir
@@ -400,6 +400,7 @@ def evaluate_checkpoint(
     Returns top1/top5/ece in percent, nll per sample, agreement in percent, params, macs (one
     image), latency_ms (batch 1) and throughput (images/s at `throughput_batch`) on `device`.
     """
+    check_layer({"batch_size": batch_size, "workers": workers, "device": device})
     dev = resolve_device(device)
     if not data and checkpoint.endswith(".safetensors") and Path(checkpoint).expanduser().is_file():
         data = read_metadata(Path(checkpoint).expanduser()).get("dataset")
@@ -407,7 +408,7 @@ def evaluate_checkpoint(
         raise KdError("no dataset to evaluate on", "pass --data (e.g. --data cifar100)")
     bundle = build_data(data, data_dir=data_dir)
     model, metadata = load_network(checkpoint, data, bundle.num_classes, arch=arch, pretrained=pretrained)
-    trained_on = read_input(metadata)
+    trained_on = read_input(metadata, checkpoint)
     if trained_on is not None:
         bundle = _with_input(bundle, *trained_on)
     loader = make_loader(bundle.val, bundle, batch_size, False, dev, 0, workers)

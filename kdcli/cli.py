@@ -11,6 +11,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from kdcli import __version__
+from kdcli.engine.signals import exit_quietly_after_a_stop, ignore_signals
 from kdcli.config import build_config, list_presets, load_preset, parse_set_options
 from kdcli.errors import KdError, unknown
 from kdcli.report import fmt, print_fields, print_json, print_rows, print_summary, stderr
@@ -268,11 +269,15 @@ def compare(
 
 def main() -> None:
     """Console entry point: KdError -> `error:` + `hint:` on stderr and its exit code, no traceback."""
+    exit_quietly_after_a_stop()
     try:
         app(standalone_mode=True)
     except KdError as exc:
+        if exc.exit_code == 130:
+            ignore_signals()  # stopping: another Ctrl-C must not interrupt the goodbye or the shutdown
         _fail(exc, exc.message, exc.hint, exc.exit_code)
     except KeyboardInterrupt:
+        ignore_signals()
         stderr.print("error: interrupted", markup=False)
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - last line of defence: no raw traceback for users
