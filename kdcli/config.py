@@ -74,7 +74,7 @@ FIELD_KINDS = {
     "student": Str(), "pretrained": Bool(), "teacher": Optional(Str()), "teacher_arch": Optional(Str()),
     "method": Str(), "options": Table(), "data": Str(), "data_dir": Optional(Str()), "download": Bool(),
     "epochs": Int(1, 100_000), "batch_size": Int(1, 1 << 20), "eval_batch_size": Int(1, 1 << 20),
-    "lr": Optional(Float(0.0, 1e3, low_open=True)), "momentum": Float(0.0, 1.0), "weight_decay": Float(0.0, 1.0),
+    "lr": Optional(Float(0.0, low_open=True)), "momentum": Float(0.0, 1.0), "weight_decay": Float(0.0, 1.0),
     "milestones": Optional(ListOf(Int(1, 100_000))), "lr_decay": Float(0.0, 1.0, low_open=True),
     "seed": Int(0, 2**63 - 1),  # torch generators take 64 bits; the method's seed is seed + 1
     "device": Str(("auto", "cpu", "cuda"), prefixes=("cuda:",)), "precision": Str(("auto", "fp32", "bf16")),
