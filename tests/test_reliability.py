@@ -275,7 +275,7 @@ def test_ctrl_c_pressed_again_and_again_while_kd_shuts_down_prints_no_traceback(
 class _SecondSignalInsideAStep(_Silent):
     """Sends SIGINT twice while epoch 2 runs: the second arrives before the step the first lets finish ends."""
 
-    def step(self, epoch, step, loss):
+    def step(self, epoch, step, images, loss=None):
         if epoch == 2:
             os.kill(os.getpid(), signal.SIGINT)
             os.kill(os.getpid(), signal.SIGINT)
