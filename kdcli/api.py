@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import statistics
 import time
 from contextlib import contextmanager
@@ -23,7 +22,7 @@ from kdcli.engine.rundir import RunDir
 from kdcli.engine import distributed
 from kdcli.engine.precision import resolve_precision
 from kdcli.engine.trainer import Schedule, Trainer, config_fingerprint
-from kdcli.errors import KdError
+from kdcli.errors import KdError, is_disk_full
 from kdcli.methods import Method, Shapes, method_class
 from kdcli.methods.base import resolve_hparams
 from kdcli.models import create_model, default_lr, list_models
@@ -187,13 +186,6 @@ def disk_full_as_error(config: RunConfig):
             f"free some space, then `kd {config.command} --resume {config.out or 'RUN_FOLDER'}` continues from the last checkpoint",
             exit_code=1,
         ) from None
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    """ENOSPC (or EDQUOT) from Python, or the same error reported through safetensors' Rust writer."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    return "No space left on device" in str(exc) or "os error 28" in str(exc)
 
 
 def build_training(

@@ -26,7 +26,7 @@ from kdcli import api
 from kdcli.config import build_config, read_config_file, to_toml
 from kdcli.engine.checkpoint import load_state, save_state
 from kdcli.engine.rundir import LOCK_NAME, RunDir
-from kdcli.errors import KdError
+from kdcli.errors import KdError, is_disk_full
 from kdcli.methods import list_methods
 from kdcli.methods.base import _REGISTRY, RANGES, Method, Needs, hparam_ranges, register
 from kdcli.models import create_model
@@ -405,6 +405,59 @@ def test_a_full_disk_says_so_and_resume_continues_once_there_is_space(kd, tmp_pa
 def test_a_full_disk_reported_by_safetensors_is_recognised():
     from safetensors import SafetensorError
 
-    assert api.is_disk_full(SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+    assert is_disk_full(SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
                                             "message: \"No space left on device\" })"))
-    assert not api.is_disk_full(OSError(errno.EACCES, "Permission denied"))
+    assert not is_disk_full(OSError(errno.EACCES, "Permission denied"))
+
+
+# ---- usage errors: kd's form, the did-you-mean kept ---------------------------------------------
+
+USAGE_ROWS = {
+    "misspelt option": (["distill", "--epoch", "3"], "no such option: --epoch", "did you mean --epochs?"),
+    "misspelt flag": (["list", "--jsn"], "no such option: --jsn", "did you mean --json?"),
+    "not an integer": (["distill", "--epochs", "abc"], "'--epochs'", "kd distill --help"),
+    "not a number": (["train", "resnet8", "--lr", "fast"], "'--lr'", "kd train --help"),
+    "misspelt command": (["distil"], "no such command 'distil'", "'distill'"),
+    "missing argument": (["eval"], "missing argument", "kd eval --help"),
+}
+
+
+@pytest.mark.parametrize("row", USAGE_ROWS)
+def test_usage_errors_are_in_kd_form(kd, row):
+    args, error, hint = USAGE_ROWS[row]
+    result = kd(*args)
+    assert_clean_error(result, error)
+    assert "╭" not in result.stderr and "Usage:" not in result.stderr  # no Typer box
+    assert hint in next(line for line in result.stderr.splitlines() if line.startswith("hint: "))
+
+
+def test_bad_input_is_refused_before_torch_is_imported(tmp_path):
+    """Typos and bad values answer at once: flags, presets and a resumed config.toml are checked before
+    torch, torchvision and timm are imported (a fresh interpreter, each case through the entry point)."""
+    _preset(tmp_path, "epochs = true\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text("epochs = 2.5\n")
+    cases = [
+        ["train", "resnet8", "--epochs", "0"], ["train", "resnet8", "--lr", "inf"], ["train", "resnet8", "--seed", str(2**64)],
+        ["train", "resnet8", "--preset", str(tmp_path / "bad.toml")], ["distill", "--epoch", "3"],
+        ["distill", "--epochs", "abc"], ["train", "--resume", str(run)], ["eval", "x.safetensors", "--workers", "-1"],
+        ["compare", "--epochs", "0"], ["list", "nothing"],
+    ]
+    child = f"""
+import json, sys
+from kdcli.cli import main
+codes = []
+for args in {cases!r}:
+    sys.argv = ["kd", *args]
+    try:
+        main()
+    except SystemExit as exc:
+        codes.append(exc.code)
+print(json.dumps({{"codes": codes, "heavy": [m for m in ("torch", "torchvision", "timm") if m in sys.modules]}}))
+"""
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["codes"] == [2] * len(cases), done.stderr
+    assert report["heavy"] == [], done.stderr
+    assert done.stderr.count("error: ") == len(cases) and "Traceback" not in done.stderr
