@@ -339,6 +339,13 @@ def main() -> None:
     """
     exit_quietly_after_a_stop()
     try:
+        _main()
+    finally:
+        exit_quietly_after_a_stop(False)
+
+
+def _main() -> None:
+    try:
         try:
             code = app(standalone_mode=False)
         except click_errors.NoArgsIsHelpError as exc:

@@ -13,9 +13,10 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _quiet_exit = {"on": False}
 
 
-def exit_quietly_after_a_stop() -> None:
-    """For the `kd` command: after the first stop signal, let further ones neither raise nor print."""
-    _quiet_exit["on"] = True
+def exit_quietly_after_a_stop(on: bool = True) -> None:
+    """For the `kd` command: after the first stop signal, let further ones neither raise nor print
+    (`on=False` when the command returns, so that library use in the same process is unaffected)."""
+    _quiet_exit["on"] = on
 
 
 def ignore_signals() -> None:
