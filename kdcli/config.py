@@ -77,7 +77,7 @@ FIELD_KINDS = {
     "lr": Optional(Float(0.0, low_open=True)), "momentum": Float(0.0, 1.0), "weight_decay": Float(0.0, 1.0),
     "milestones": Optional(ListOf(Int(1, 100_000))), "lr_decay": Float(0.0, 1.0, low_open=True),
     "seed": Int(0, 2**63 - 1),  # torch generators take 64 bits; the method's seed is seed + 1
-    "device": Str(("auto", "cpu", "cuda"), prefixes=("cuda:",)), "precision": Str(("auto", "fp32", "bf16")),
+    "device": Str(("auto", "cpu", "cuda"), pattern=r"cuda:\d{1,3}", shown="cuda:N"), "precision": Str(("auto", "fp32", "bf16")),
     "channels_last": Bool(), "compile": Bool(), "sync_bn": Bool(), "workers": Int(0, 256), "out": Optional(Str()),
 }
 assert FIELD_KINDS.keys() == FIELD_NAMES

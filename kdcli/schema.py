@@ -9,6 +9,7 @@ Stdlib only: it runs before torch is imported.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,14 +69,16 @@ class Bool:
 
 @dataclass(frozen=True)
 class Str:
-    """A string, optionally one of `choices`; `prefixes` also admit e.g. `cuda:N`."""
+    """A string, optionally one of `choices` or matching `pattern` (shown as `shown`, e.g. `cuda:N`)."""
 
     choices: tuple[str, ...] = ()
-    prefixes: tuple[str, ...] = ()
+    pattern: str | None = None
+    shown: str = ""
 
     def check(self, value: Any) -> str:
-        if self.choices and (not isinstance(value, str) or (value not in self.choices and not value.startswith(self.prefixes))):
-            raise Invalid("one of " + ", ".join(self.choices + tuple(f"{p}N" for p in self.prefixes)))
+        listed = isinstance(value, str) and (value in self.choices or (self.pattern and re.fullmatch(self.pattern, value)))
+        if self.choices and not listed:
+            raise Invalid("one of " + ", ".join(self.choices + ((self.shown,) if self.shown else ())))
         if not isinstance(value, str):
             raise Invalid("a string")
         if "\x00" in value:

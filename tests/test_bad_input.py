@@ -144,6 +144,13 @@ FLAG_ROWS = {
                                                            ("did not write",)),
     "overwrite a kd run with someone's file in it": lambda tmp, t: (["train", "resnet8", *COMMON, "--overwrite",
                                                                       "--out", _kd_run_with_extra_file(tmp)], ("notes.txt",)),
+    "device index not a number": lambda tmp, t: (["train", "resnet8", *COMMON[:-2], "--device", "cuda:abc"], ("--device 'cuda:abc'",)),
+    "eval device index not a number": lambda tmp, t: (["eval", t, *COMMON[:2], "--device", "cuda:x", "--no-timing"], ("--device",)),
+    "compare seeds count beyond reason": lambda tmp, t: (["compare", "--student", "resnet8", *COMMON, "--seeds", "1000000000"],
+                                                         ("--seeds",)),
+    "compare seed beyond 64 bits": lambda tmp, t: (["compare", "--student", "resnet8", *COMMON, "--seeds", "0," + "9" * 30],
+                                                   ("--seeds",)),
+    "compare epochs zero": lambda tmp, t: (["compare", "--student", "resnet8", *COMMON[:2], "--epochs", "0"], ("--epochs 0",)),
     "out holds parts of a run": lambda tmp, t: (["train", "resnet8", *COMMON, "--out", _parts_of_a_run(tmp)],
                                                 ("holds parts of a run",)),
 }
