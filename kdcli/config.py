@@ -204,8 +204,18 @@ def to_toml(config: RunConfig) -> str:
     """config.toml text (a real TOML writer: any path or string reads back); None values are omitted."""
     data = {key: value for key, value in config.to_dict().items() if value is not None}
     data["options"] = dict(sorted(data.get("options", {}).items()))
+    data = _as_toml_values(data)
     text = tomli_w.dumps(data)
     if tomllib.loads(text) != data:  # kd only ever writes a file it reads back the same
         raise KdError("the run's settings cannot be written as TOML that reads back the same",
                       "use plain strings, numbers and booleans for --set values")
     return text
+
+
+def _as_toml_values(value: Any) -> Any:
+    """Tuples as lists, as TOML reads them back."""
+    if isinstance(value, dict):
+        return {key: _as_toml_values(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_as_toml_values(v) for v in value]
+    return value

@@ -153,7 +153,7 @@ def list_methods() -> dict[str, type[Method]]:
 # What each range name admits (the `ranges` convention shared by every method).
 RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "positive": (lambda x: x > 0, "a finite number above 0"),
-    "nonnegative": (lambda x: x >= 0, "a finite number of 0 or more"),
+    "nonnegative": (lambda x: x >= 0, "a finite number, not negative"),
     "fraction": (lambda x: 0 <= x <= 1, "a number from 0 to 1"),
     "count": (lambda x: x >= 1 and float(x).is_integer(), "an integer of 1 or more"),
     "any": (lambda x: True, "a finite number"),
@@ -175,11 +175,11 @@ def resolve_hparams(cls: type[Method], overrides: dict[str, Any]) -> dict[str, A
     for key, value in overrides.items():
         if key not in resolved:
             raise unknown(f"option for method {cls.name!r}:", key, resolved)
-        resolved[key] = check_range(key, coerce(key, value, resolved[key]), ranges.get(key, "any"))
+        resolved[key] = check_range(key, coerce(key, value, resolved[key]), ranges.get(key, "any"), cls.defaults[key])
     return resolved
 
 
-def check_range(key: str, value: Any, kind: str) -> Any:
+def check_range(key: str, value: Any, kind: str, default: Any = None) -> Any:
     """`value` if it is finite and inside the range named `kind` (lists: every item); a KdError otherwise."""
     admits, expected = RANGES[kind]
     for item in value if isinstance(value, (list, tuple)) else [value]:
@@ -190,7 +190,7 @@ def check_range(key: str, value: Any, kind: str) -> Any:
         except OverflowError:  # an integer beyond any float
             finite = False
         if not finite or not admits(item):
-            raise KdError(f"option {key}={item!r} is out of range", f"use {expected} for {key}")
+            raise KdError(f"option {key}={item!r} is out of range: {key} must be {expected}", f"the default is --set {key}={default}" if default is not None else f"use {expected}")
     return value
 
 
