@@ -51,19 +51,18 @@ def run(config: RunConfig, overwrite: bool = False, resume: bool = False, report
     config.validate()
     check_kd_home()
     world = distributed.setup(config.device)
-    # A resumed run is locked first: a second process on the same folder is refused before any work.
-    run_dir = RunDir(config.out) if resume else None
-    if run_dir is not None and world.is_main:
-        run_dir.lock()
+    run_dir = RunDir(config.out or distributed.broadcast_object(str(default_out(config))))
+    # The run folder's lock is held from here (a resumed run) or from its creation (a new one) to the end.
+    if resume and world.is_main:
+        run_dir.lock()  # a second process on the same folder is refused before any work
     try:
-        with disk_full_as_error(config):
+        with disk_full_as_error(replace(config, out=str(run_dir.path))):
             return _run(config, world, run_dir, overwrite, resume, reporter)
     finally:
-        if run_dir is not None:
-            run_dir.unlock()
+        run_dir.unlock()
 
 
-def _run(config: RunConfig, world, run_dir: RunDir | None, overwrite: bool, resume: bool, reporter) -> dict[str, Any]:
+def _run(config: RunConfig, world, run_dir: RunDir, overwrite: bool, resume: bool, reporter) -> dict[str, Any]:
     device = resolve_device(config.device)
     if world.enabled and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
@@ -76,22 +75,12 @@ def _run(config: RunConfig, world, run_dir: RunDir | None, overwrite: bool, resu
     teacher = load_teacher(config, bundle.num_classes) if config.command == "distill" and cls.needs.teacher else None
     student, teacher, method, train_loader, val_loader = build_training(config, cls, bundle, teacher, device, world)
 
-    run_dir = run_dir or RunDir(config.out or distributed.broadcast_object(str(default_out(config))))
     config = replace(config, out=str(run_dir.path))
     if teacher is not None and not resume:
         check_out_apart_from_teacher(run_dir, config)
     if not resume and world.is_main:
         run_dir.create(to_toml(config), overwrite=overwrite)  # takes the folder's lock
-    try:
-        distributed.barrier()
-        return _fit(config, world, run_dir, bundle, cls, student, teacher, method, train_loader, val_loader, device,
-                    resume, reporter)
-    finally:
-        run_dir.unlock()
-
-
-def _fit(config, world, run_dir, bundle, cls, student, teacher, method, train_loader, val_loader, device, resume, reporter):
-    """Train in the locked run folder and write its weights and summary."""
+    distributed.barrier()
 
     weights_name = "model.safetensors" if config.command == "train" else "student.safetensors"
     metadata = {
@@ -180,10 +169,10 @@ def disk_full_as_error(config: RunConfig):
     except (OSError, SafetensorError) as exc:
         if not is_disk_full(exc):
             raise
-        where = getattr(exc, "filename", None) or config.out or "the run folder"
+        where = getattr(exc, "filename", None) or config.out
         raise KdError(
             f"the disk is full: no space left on the device holding {where}",
-            f"free some space, then `kd {config.command} --resume {config.out or 'RUN_FOLDER'}` continues from the last checkpoint",
+            f"free some space, then `kd {config.command} --resume {config.out}` continues from the last checkpoint",
             exit_code=1,
         ) from None
 
