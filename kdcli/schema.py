@@ -83,6 +83,8 @@ class Str:
             raise Invalid("a string")
         if "\x00" in value:
             raise Invalid("a string without NUL characters")
+        if not _utf8(value):
+            raise Invalid("UTF-8 text (this one holds bytes that are not UTF-8, e.g. from a file name)")
         return value
 
 
@@ -120,9 +122,20 @@ class Table:
             items = item if isinstance(item, (list, tuple)) else [item]
             if not all(isinstance(v, (str, int, float, bool)) for v in items):
                 raise Invalid("a table of numbers, strings, booleans or lists of them")
+            if not all(_utf8(v) for v in items if isinstance(v, str)):
+                raise Invalid("a table of UTF-8 text")
             if any(isinstance(v, float) and not math.isfinite(v) for v in items):
                 raise Invalid("a table of finite numbers")
         return dict(value)
+
+
+def _utf8(text: str) -> bool:
+    """Whether `text` can be written to a UTF-8 file (argv bytes that are not UTF-8 arrive as surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _bounds(low, high, low_open: bool = False) -> str:

@@ -83,6 +83,13 @@ def _parts_of_a_run(tmp: Path) -> Path:
     return folder
 
 
+def _summary_not_utf8(tmp: Path) -> Path:
+    folder = tmp / "finished"
+    folder.mkdir()
+    (folder / "summary.json").write_bytes(b'{"student": "\xff"}')
+    return folder
+
+
 # (name, builder(tmp, teacher) -> (args without --out, fragments of the error line))
 FLAG_ROWS = {
     "seed beyond 64 bits": lambda tmp, t: (["train", "resnet8", *COMMON, "--seed", str(2**70)], ("--seed",)),
@@ -151,6 +158,11 @@ FLAG_ROWS = {
     "compare seed beyond 64 bits": lambda tmp, t: (["compare", "--student", "resnet8", *COMMON, "--seeds", "0," + "9" * 30],
                                                    ("--seeds",)),
     "compare epochs zero": lambda tmp, t: (["compare", "--student", "resnet8", *COMMON[:2], "--epochs", "0"], ("--epochs 0",)),
+    "out path not UTF-8": lambda tmp, t: (["train", "resnet8", *COMMON, "--out", os.fsdecode(bytes(tmp) + b"/bad\xff")],
+                                          ("--out", "\\udcff")),
+    "set value not UTF-8": lambda tmp, t: (["distill", "--teacher", t, "--student", "resnet8", *COMMON, "--set",
+                                            "grad_loss=" + os.fsdecode(b"\xff"), "--method", "crcd"], ("--set",)),
+    "compare summary not UTF-8": lambda tmp, t: (["compare", _summary_not_utf8(tmp)], ("cannot read",)),
     "out holds parts of a run": lambda tmp, t: (["train", "resnet8", *COMMON, "--out", _parts_of_a_run(tmp)],
                                                 ("holds parts of a run",)),
 }

@@ -135,11 +135,11 @@ class RunDir:
         if not self.metrics.exists():
             return []
         lines = []
-        for text in self.metrics.read_text().splitlines():
+        for raw in self.metrics.read_bytes().splitlines():
             try:
-                lines.append(json.loads(text))
-            except json.JSONDecodeError:
-                break  # a line cut short by a kill: everything after it is stale too
+                lines.append(json.loads(raw.decode("utf-8")))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                break  # a line cut short by a kill (or damaged): everything after it is stale too
         return lines
 
     def truncate_metrics(self, last_epoch: int) -> None:
