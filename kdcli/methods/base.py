@@ -155,7 +155,7 @@ RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "positive": (lambda x: x > 0, "a finite number above 0"),
     "nonnegative": (lambda x: x >= 0, "a finite number, not negative"),
     "fraction": (lambda x: 0 <= x <= 1, "a number from 0 to 1"),
-    "count": (lambda x: x >= 1 and float(x).is_integer(), "an integer of 1 or more"),
+    "count": (lambda x: x >= 1 and float(x).is_integer(), "a positive integer (1 or more)"),
     "any": (lambda x: True, "a finite number"),
 }
 
