@@ -25,7 +25,7 @@ from rich.table import Table
 from rich.text import Text
 
 from kdcli import api
-from kdcli.config import RunConfig, build_config, load_preset, read_config_file
+from kdcli.config import RECORDED_FIELDS, RunConfig, build_config, load_preset, read_config_file
 from kdcli.engine.checkpoint import atomic_write
 from kdcli.engine.rundir import RunDir
 from kdcli.errors import KdError, did_you_mean, unknown
@@ -33,8 +33,7 @@ from kdcli.methods import method_class
 from kdcli.methods.base import resolve_hparams
 from kdcli.models import list_models
 from kdcli.report import fmt, stderr, stdout
-from kdcli.store import dataset_key, find_teacher
-from kdcli.weights import is_weights_path
+from kdcli.teachers import dataset_key, find_teacher, is_weights_path, teacher_digest
 
 DEFAULT_METHODS = ["none", "kd"]
 GRID_KEYS = ("pairs", "methods", "seeds")
@@ -281,8 +280,11 @@ def run_state(job: Job) -> str:
     changed = [
         f"{f.name} {getattr(saved, f.name)!r} (asked {getattr(job.config, f.name)!r})"
         for f in fields(RunConfig)
-        if f.name not in PLACE_FIELDS and getattr(saved, f.name) != getattr(job.config, f.name)
+        if f.name not in PLACE_FIELDS | RECORDED_FIELDS and getattr(saved, f.name) != getattr(job.config, f.name)
     ]
+    digest = teacher_digest(job.config.teacher, job.config.data) if saved.teacher_sha256 else None
+    if saved.teacher_sha256 and digest != saved.teacher_sha256:
+        changed.append(f"teacher {job.config.teacher} with sha256 {saved.teacher_sha256[:12]}... (now {(digest or 'none')[:12]}...)")
     if changed:
         raise KdError(f"{run.path} holds a run with other settings: {', '.join(changed)}",
                       "pass another --out, or delete that folder to train it again")
@@ -356,7 +358,8 @@ def read_record(summary_path: Path) -> Record:
     if lacking:
         raise KdError(f"{summary_path} is not a kd run summary (no {', '.join(lacking)})", FOLDERS_HINT)
     options = read_config_file(run.config).get("options", {}) if run.config.is_file() else {}
-    curve = [m["val_top1"] for m in run.read_metrics() if "val_top1" in m]
+    # main-stage epochs only: an init stage (AB, FT, FSP) would shift the curve against the others
+    curve = [m["val_top1"] for m in run.read_metrics() if "val_top1" in m and m.get("stage", "main") == "main"]
     return Record(run.path, summary, changed_options(summary["method"], options), curve)
 
 

@@ -30,6 +30,8 @@ class RunConfig:
     pretrained: bool = False  # timm:/tv: student starts from its published weights (and a timm:/tv: teacher uses them)
     teacher: str | None = None
     teacher_arch: str | None = None
+    teacher_sha256: str | None = None  # recorded by the run: sha256 of the teacher's weights file
+    teacher_source: str | None = None  # recorded by the run: where those weights came from
     method: str = "kd"
     options: dict[str, Any] = field(default_factory=dict)  # method hyperparameters (--set)
     data: str = "cifar100"
@@ -43,6 +45,8 @@ class RunConfig:
     weight_decay: float = 5e-4
     milestones: list[int] | None = None  # None: 150/180/210 of 240, scaled to --epochs
     lr_decay: float = 0.1
+    optimizer: str = "sgd"  # "dot": DOT's separate task/distillation momenta (kdcli.engine.dot)
+    dot_delta: float = 0.075  # DOT's momentum gap: task mu - delta, distillation mu + delta
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 autocast where the hardware has fast bf16, else fp32
@@ -62,12 +66,17 @@ class RunConfig:
         """Reject values no run can use (types, ranges, finiteness), before anything is written."""
         for name, value in self.to_dict().items():
             setattr(self, name, schema.checked(FIELD_KINDS[name], value, flag_name(name)))
+        if not 0 <= self.dot_delta <= self.momentum or self.momentum + self.dot_delta >= 1:
+            raise KdError(f"--dot-delta {self.dot_delta} is invalid with --momentum {self.momentum}",
+                          "use 0 <= delta <= momentum with momentum + delta < 1, e.g. 0.075")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 FIELD_NAMES = {f.name for f in fields(RunConfig)}
+# Written by the run itself (what the teacher was), not settings a user chooses.
+RECORDED_FIELDS = {"teacher_sha256", "teacher_source"}
 # The one schema of a run's settings: flags, presets and config.toml are all checked against it.
 FIELD_KINDS = {
     "command": Str(("train", "distill")),
@@ -76,6 +85,7 @@ FIELD_KINDS = {
     "epochs": Int(1, 100_000), "batch_size": Int(1, 1 << 20), "eval_batch_size": Int(1, 1 << 20),
     "lr": Optional(Float(0.0, low_open=True)), "momentum": Float(0.0, 1.0), "weight_decay": Float(0.0, 1.0),
     "milestones": Optional(ListOf(Int(1, 100_000))), "lr_decay": Float(0.0, 1.0, low_open=True),
+    "optimizer": Str(("sgd", "dot")), "dot_delta": Float(0.0, 1.0),
     "seed": Int(0, 2**63 - 1),  # torch generators take 64 bits; the method's seed is seed + 1
     "device": Str(("auto", "cpu", "cuda"), pattern=r"cuda:\d{1,3}", shown="cuda:N"), "precision": Str(("auto", "fp32", "bf16")),
     "channels_last": Bool(), "compile": Bool(), "sync_bn": Bool(), "workers": Int(0, 256), "out": Optional(Str()),

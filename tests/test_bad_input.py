@@ -30,7 +30,7 @@ from kdcli.errors import KdError, is_disk_full
 from kdcli.methods import list_methods
 from kdcli.methods.base import _REGISTRY, RANGES, Method, Needs, hparam_ranges, register
 from kdcli.models import create_model
-from kdcli.weights import save_model
+from kdcli.teachers import save_model
 from tests.conftest import TINY_DATA, _Silent, assert_clean_error
 
 COMMON = ["--data", TINY_DATA, "--epochs", "1", "--batch-size", "32", "--device", "cpu"]
