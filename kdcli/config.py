@@ -81,6 +81,7 @@ RECORDED_FIELDS = {"teacher_sha256", "teacher_source"}
 FIELD_KINDS = {
     "command": Str(("train", "distill")),
     "student": Str(), "pretrained": Bool(), "teacher": Optional(Str()), "teacher_arch": Optional(Str()),
+    "teacher_sha256": Optional(Str()), "teacher_source": Optional(Str()),
     "method": Str(), "options": Table(), "data": Str(), "data_dir": Optional(Str()), "download": Bool(),
     "epochs": Int(1, 100_000), "batch_size": Int(1, 1 << 20), "eval_batch_size": Int(1, 1 << 20),
     "lr": Optional(Float(0.0, low_open=True)), "momentum": Float(0.0, 1.0), "weight_decay": Float(0.0, 1.0),

@@ -215,8 +215,10 @@ def test_every_method_declares_ranges_only_for_its_options_and_they_admit_its_de
 def pristine_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pristine") / "run"
     torch.set_num_threads(1)
-    api.run(build_config({"command": "train", "student": "resnet8", "method": "none", "data": TINY_DATA,
-                          "epochs": 1, "batch_size": 32, "device": "cpu", "out": str(out)}), reporter=_Silent())
+    with pytest.MonkeyPatch.context() as patch:  # its own teacher store, never ~/.cache
+        patch.setenv("KD_HOME", str(tmp_path_factory.mktemp("pristine_home")))
+        api.run(build_config({"command": "train", "student": "resnet8", "method": "none", "data": TINY_DATA,
+                              "epochs": 1, "batch_size": 32, "device": "cpu", "out": str(out)}), reporter=_Silent())
     return out
 
 

@@ -38,7 +38,10 @@ def check_kd_home() -> Path:
 
 def dataset_key(dataset: str) -> str:
     """A folder name for a dataset spec (`synthetic:classes=10` -> `synthetic_classes_10`)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", dataset).strip("_")
+    key = re.sub(r"[^A-Za-z0-9._-]+", "_", dataset).strip("_")
+    if len(key) > 120:  # a folder name must fit the file system's 255 bytes: long specs keep a digest
+        key = f"{key[:100]}-{hashlib.sha256(dataset.encode('utf-8', 'surrogatepass')).hexdigest()[:16]}"
+    return key
 
 
 def teacher_path(arch: str, dataset: str) -> Path:
