@@ -4,23 +4,25 @@ from __future__ import annotations
 
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from kdcli import __version__, plugins
 from kdcli.build import CUSTOM_DATA, Sources, build_method, build_training, canonical, schedule_of, shapes_of  # noqa: F401 (public)
-from kdcli.config import RunConfig, read_config_file, build_config, to_toml
+from kdcli.config import RunConfig, check_layer, load_run_config, to_toml
 from kdcli.data import DataBundle, FolderSplit, build_data, make_loader
 from kdcli.engine.evaluate import evaluate
 from kdcli.engine.rundir import RunDir
 from kdcli.engine import distributed
 from kdcli.engine.precision import resolve_precision
 from kdcli.engine.trainer import Trainer, config_fingerprint
-from kdcli.errors import KdError
+from kdcli.errors import KdError, is_disk_full
 from kdcli.methods import method_class
 from kdcli.methods.base import resolve_hparams
 from kdcli.models.registry import pretrained_input
@@ -29,7 +31,7 @@ from kdcli.recipe import recipe_rows
 from kdcli.report import ConsoleReporter, SilentReporter
 from kdcli.profiling import count_params, profile
 from kdcli.teachers import (
-    check_free, find_teacher, input_metadata, is_external, load_network, read_input, read_metadata, register_teacher,
+    check_free, check_kd_home, find_teacher, input_metadata, is_external, load_network, read_input, read_metadata, register_teacher,
     save_model,
     teacher_digest, teacher_file, teacher_source,
 )
@@ -52,7 +54,23 @@ def run(
     Under torchrun each process calls this; rank 0 alone writes the run folder.
     """
     config = canonical(config)
+    config.validate()
+    check_kd_home()
     world = distributed.setup(config.device)
+    run_dir = RunDir(config.out or distributed.broadcast_object(str(default_out(config))))
+    # The run folder's lock is held from here (a resumed run) or from its creation (a new one) to the end.
+    if resume and world.is_main:
+        run_dir.lock()  # a second process on the same folder is refused before any work
+    try:
+        with disk_full_as_error(replace(config, out=str(run_dir.path))):
+            return _run(config, world, run_dir, overwrite, resume, reporter, sources)
+    finally:
+        run_dir.unlock()
+
+
+def _run(
+    config: RunConfig, world, run_dir: RunDir, overwrite: bool, resume: bool, reporter, sources: Sources
+) -> dict[str, Any]:
     device = resolve_device(config.device)
     if world.enabled and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
@@ -77,12 +95,11 @@ def run(
         config, cls, bundle, teacher, device, world, student=sources.student
     )
 
-    run_dir = RunDir(config.out or distributed.broadcast_object(str(default_out(config))))
     config = replace(config, out=str(run_dir.path))
     if teacher is not None and not resume and sources.teacher is None:
         check_out_apart_from_teacher(run_dir, config)
     if not resume and world.is_main:
-        run_dir.create(to_toml(config), overwrite=overwrite)
+        run_dir.create(to_toml(config), overwrite=overwrite)  # takes the folder's lock
     distributed.barrier()
 
     weights_name = "model.safetensors" if config.command == "train" else "student.safetensors"
@@ -136,6 +153,11 @@ def run(
         return {"rank": world.rank, "run_dir": str(run_dir.path)}
 
     history = run_dir.read_metrics()
+    if not history:
+        raise KdError(
+            f"{run_dir.metrics} is empty or missing, but the run's checkpoint says all {config.epochs} epochs are done",
+            "the run folder was changed by hand: restore metrics.jsonl, or start the run again with --overwrite",
+        )
     last = history[-1]
     save_weights(run_dir.path / weights_name, last["val_top1"])
     ema_weights = run_dir.path / weights_name.replace(".safetensors", "_ema.safetensors")
@@ -206,16 +228,29 @@ def with_teacher_record(config: RunConfig, resume: bool) -> RunConfig:
 
 def resume(run_path: str | Path, reporter=None) -> dict[str, Any]:
     """Continue the run in `run_path` from its last checkpoint, with the config saved there."""
-    run_dir = RunDir(run_path)
-    if not run_dir.config.is_file():
-        raise KdError(f"{run_dir.path} is not a kd run folder (no config.toml)", "pass the --out folder of an earlier run")
-    config = build_config(read_config_file(run_dir.config))
+    config = load_run_config(run_path)
     if config.data == CUSTOM_DATA:
         raise KdError(
-            f"{run_dir.path} was started from Python with Dataset objects, which the command line cannot rebuild",
-            f"resume it from Python: kdcli.{config.command}(..., out={str(run_dir.path)!r}, resume=True) with the same objects",
+            f"{config.out} was started from Python with Dataset objects, which the command line cannot rebuild",
+            f"resume it from Python: kdcli.{config.command}(..., out={config.out!r}, resume=True) with the same objects",
         )
-    return run(replace(config, out=str(run_dir.path)), resume=True, reporter=reporter)
+    return run(config, resume=True, reporter=reporter)
+
+
+@contextmanager
+def disk_full_as_error(config: RunConfig):
+    """A full disk while a run writes is the environment, not a bug: say so, where, and how to go on."""
+    try:
+        yield
+    except (OSError, SafetensorError) as exc:
+        if not is_disk_full(exc):
+            raise
+        where = getattr(exc, "filename", None) or config.out
+        raise KdError(
+            f"the disk is full: no space left on the device holding {where}",
+            f"free some space, then `kd {config.command} --resume {config.out}` continues from the last checkpoint",
+            exit_code=1,
+        ) from None
 
 
 def default_out(config: RunConfig) -> Path:
@@ -310,6 +345,7 @@ def evaluate_checkpoint(
     image), latency_ms (batch 1) and throughput (images/s at `throughput_batch`) on `device` as medians
     with their interquartile range (`*_iqr`) and number of timed runs (`*_runs`), and the thread count.
     """
+    check_layer({"batch_size": batch_size, "workers": workers, "device": device})
     dev = resolve_device(device)
     if not data and checkpoint.endswith(".safetensors") and Path(checkpoint).expanduser().is_file():
         data = read_metadata(Path(checkpoint).expanduser()).get("dataset")
@@ -317,7 +353,7 @@ def evaluate_checkpoint(
         raise KdError("no dataset to evaluate on", "pass --data (e.g. --data cifar100)")
     bundle = build_data(data, data_dir=data_dir, download=download)
     model, metadata = load_network(checkpoint, data, bundle.num_classes, arch=arch, pretrained=pretrained, download=download)
-    trained_on = read_input(metadata)
+    trained_on = read_input(metadata, checkpoint)
     if trained_on is not None:
         bundle = _with_input(bundle, *trained_on)
     loader = make_loader(bundle.val, bundle, batch_size, False, dev, 0, workers)

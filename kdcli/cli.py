@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -11,9 +13,15 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
+try:
+    from typer._click import exceptions as click_errors  # recent Typer vendors click: its errors are these
+except ImportError:
+    from click import exceptions as click_errors
+
 from kdcli import __version__
-from kdcli.config import build_config, list_presets, load_preset, parse_set_options
-from kdcli.errors import KdError, unknown
+from kdcli.config import build_config, check_layer, list_presets, load_preset, load_run_config, parse_set_options
+from kdcli.engine.signals import exit_quietly_after_a_stop, ignore_signals
+from kdcli.errors import KdError, is_disk_full, unknown
 from kdcli.report import fmt, print_fields, print_json, print_rows, plural, print_summary, si, stderr
 
 app = typer.Typer(
@@ -106,8 +114,12 @@ def _run(
 ) -> None:
     if nproc < 1:
         raise KdError(f"--nproc {nproc} is invalid", "use 1 or more processes")
+    # Flags, preset and a resumed config.toml are checked here, before torch is imported: a typo answers at once.
     if resume is not None:
         _check_resume_alone(flags, preset, overwrite, resume)
+        load_run_config(resume)
+    else:
+        config = build_config(load_preset(preset) if preset else {}, flags)
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         from kdcli.launch import launch
 
@@ -115,11 +127,7 @@ def _run(
         return
     from kdcli import api
 
-    if resume is not None:
-        summary = api.resume(resume)
-    else:
-        config = build_config(load_preset(preset) if preset else {}, flags)
-        summary = api.run(config, overwrite=overwrite)
+    summary = api.resume(resume) if resume is not None else api.run(config, overwrite=overwrite)
     if "rank" in summary:
         return  # another rank of a data-parallel run: rank 0 prints the results
     if json_out:
@@ -217,6 +225,7 @@ def eval_(
     agreement = percent of samples where network and --teacher predict the same class; MACs of one image
     (FLOPs / 2, torch's FlopCounterMode); latency = median batch-1 forward, throughput = images/s at batch 256.
     """
+    check_layer({"batch_size": batch_size, "workers": workers, "device": device})  # before torch is imported
     from kdcli import api
 
     result = api.evaluate_checkpoint(
@@ -403,10 +412,9 @@ def compare(
     method x seed under one folder, reusing finished runs and resuming an interrupted one; with run
     folders it aggregates them. Either way: a table, and compare.json, .csv, .md and .png.
     """
-    from kdcli import api
-    from kdcli.compare import make_plan, parse_devices, print_published, print_tables, published_table
-
     if published:
+        from kdcli.compare import print_published, published_table
+
         _compare_published(student, teacher, runs, json_out, print_published, published_table)
         return
     flags = dict(
@@ -414,6 +422,10 @@ def compare(
         batch_size=batch_size, lr=lr, device=device, teacher_arch=teacher_arch, precision=precision,
         compile=compile_, workers=workers, pretrained=pretrained,
     )
+    check_layer(dict(flags))  # before torch is imported
+    from kdcli import api
+    from kdcli.compare import make_plan, parse_devices, print_tables
+
     if runs:
         training = {**flags, "methods": methods, "seeds": seeds, "set": set_, "preset": preset,
                     "jobs": None if jobs == 1 else jobs, "devices": devices}
@@ -447,16 +459,78 @@ def _compare_published(student, teacher, runs, json_out, print_published, publis
 
 
 def main() -> None:
-    """Console entry point: KdError -> `error:` + `hint:` on stderr and its exit code, no traceback."""
+    """Console entry point: KdError -> `error:` + `hint:` on stderr and its exit code, no traceback.
+
+    Click's own usage errors (an unknown option, a value of the wrong type) take the same form,
+    keeping their did-you-mean; Ctrl-C says how the run can continue.
+    """
+    exit_quietly_after_a_stop()
     try:
-        app(standalone_mode=True)
+        _main()
+    finally:
+        exit_quietly_after_a_stop(False)
+
+
+def _main() -> None:
+    try:
+        try:
+            code = app(standalone_mode=False)
+        except click_errors.NoArgsIsHelpError as exc:
+            exc.show()
+            code = 2
+        except click_errors.UsageError as exc:
+            raise usage_error(exc) from None
+        except click_errors.ClickException as exc:
+            raise KdError(_sentence(exc.format_message()), "see `kd --help`", exit_code=exc.exit_code) from None
+        except typer.Abort:
+            raise KeyboardInterrupt from None  # EOF or Ctrl-C at a prompt
+        if code == 130:  # typer turns a KeyboardInterrupt in a command into exit code 130
+            raise KeyboardInterrupt
+        sys.exit(code if isinstance(code, int) else 0)
     except KdError as exc:
+        if exc.exit_code == 130:
+            ignore_signals()  # stopping: another Ctrl-C must not interrupt the goodbye or the shutdown
         _fail(exc, exc.message, exc.hint, exc.exit_code)
-    except KeyboardInterrupt:
-        stderr.print("error: interrupted", markup=False)
-        sys.exit(130)
+    except KeyboardInterrupt as exc:
+        ignore_signals()
+        _fail(exc, "interrupted", "a run keeps its last finished epoch's checkpoint: continue it with `--resume DIR`", 130)
     except Exception as exc:  # noqa: BLE001 - last line of defence: no raw traceback for users
+        if is_disk_full(exc):
+            where = getattr(exc, "filename", None) or "the output folder"
+            _fail(exc, f"the disk is full: no space left on the device holding {where}",
+                  "free some space and run the command again (a run continues with `--resume DIR`)", 1)
         _fail(exc, f"internal error: {type(exc).__name__}: {exc}", "re-run with `kd --debug ...` and report the traceback", 1)
+
+
+_SUGGESTION = re.compile(r"\s*\(?Did you mean (?:one of: )?(?P<names>.+?)\?\)?\s*$")
+
+
+def usage_error(exc: click_errors.UsageError) -> KdError:
+    """A click/typer usage error in kd's form: the message as the error, its did-you-mean and the help as the hint."""
+    command = exc.ctx.command_path if exc.ctx is not None else "kd"
+    see = f"see `{command} --help`"
+    if isinstance(exc, click_errors.NoSuchOption):
+        options = [o for p in exc.ctx.command.params for o in (*p.opts, *p.secondary_opts)] if exc.ctx else []
+        close = _closest(exc.option_name, options)
+        hint = f"did you mean {' or '.join(close)}? ({see})" if close else see
+        return KdError(f"no such option: {exc.option_name}", hint, exit_code=exc.exit_code)
+    text = exc.format_message()
+    match = _SUGGESTION.search(text)
+    hint = f"did you mean {match['names']}? ({see})" if match else see
+    return KdError(_sentence(text[: match.start()] if match else text), hint, exit_code=exc.exit_code)
+
+
+def _closest(name: str, choices: list[str]) -> list[str]:
+    """The choices nearest to `name` (all within 0.1 of the best similarity), best first."""
+    scored = sorted(((difflib.SequenceMatcher(None, name, c).ratio(), c) for c in set(choices)), reverse=True)
+    scored = [(score, c) for score, c in scored if score >= 0.6]
+    return [c for score, c in scored if score >= scored[0][0] - 0.1][:3] if scored else []
+
+
+def _sentence(text: str) -> str:
+    """Click's 'No such option: --epoch.' as kd writes messages: 'no such option: --epoch'."""
+    text = " ".join(text.split()).rstrip(".")
+    return text[:1].lower() + text[1:]
 
 
 def _fail(exc: BaseException, message: str, hint: str | None, code: int) -> None:

@@ -10,7 +10,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
+from kdcli import schema
 from kdcli.errors import KdError, did_you_mean, unknown
+from kdcli.schema import Bool, Float, Int, ListOf, Optional, Str, Table
 
 # RepDistiller's CIFAR-100 milestones (150, 180, 210 of 240 epochs), kept as fractions so that they
 # scale with --epochs.
@@ -71,60 +75,56 @@ class RunConfig:
         return [max(1, math.ceil(f * self.epochs)) for f in DEFAULT_MILESTONE_FRACTIONS]
 
     def validate(self) -> None:
-        """Reject numbers no run can use, before anything is written."""
-        checks = [
-            (self.epochs >= 1, "epochs", self.epochs, "at least 1"),
-            (self.batch_size >= 1, "batch-size", self.batch_size, "at least 1"),
-            (self.eval_batch_size >= 1, "eval-batch-size", self.eval_batch_size, "at least 1"),
-            (self.lr is None or self.lr > 0, "lr", self.lr, "a positive number"),
-            (self.momentum >= 0, "momentum", self.momentum, "0 or more"),
-            (self.weight_decay >= 0, "weight-decay", self.weight_decay, "0 or more"),
-            (0 < self.lr_decay <= 1, "lr-decay", self.lr_decay, "in (0, 1]"),
-            (self.workers >= 0, "workers", self.workers, "0 or more"),
+        """Reject values no run can use (types, ranges, finiteness), before anything is written."""
+        for name, value in self.to_dict().items():
+            setattr(self, name, schema.checked(FIELD_KINDS[name], value, flag_name(name)))
+        open_above = [  # bounds the schema's closed ranges cannot say
+            (self.label_smoothing < 1, "label-smoothing", self.label_smoothing, "in [0, 1)"),
+            (self.ema is None or self.ema < 1, "ema", self.ema, "a decay in (0, 1), e.g. 0.9998"),
+            (self.val_split is None or self.val_split < 1, "val-split", self.val_split, "a fraction in (0, 1), e.g. 0.1"),
         ]
-        checks += [
-            (self.warmup_epochs >= 0, "warmup-epochs", self.warmup_epochs, "0 or more"),
-            (self.min_lr >= 0, "min-lr", self.min_lr, "0 or more"),
-            (self.step_size >= 1, "step-size", self.step_size, "at least 1"),
-            (0 <= self.label_smoothing < 1, "label-smoothing", self.label_smoothing, "in [0, 1)"),
-            (self.clip_grad is None or self.clip_grad > 0, "clip-grad", self.clip_grad, "a positive number"),
-            (self.accumulate >= 1, "accumulate", self.accumulate, "at least 1"),
-            (self.ema is None or 0 < self.ema < 1, "ema", self.ema, "a decay in (0, 1), e.g. 0.9998"),
-        ]
-        for ok, name, value, expected in checks:
+        for ok, name, value, expected in open_above:
             if not ok:
                 raise KdError(f"--{name} {value} is invalid", f"use {expected}")
         if not 0 <= self.dot_delta <= self.momentum or self.momentum + self.dot_delta >= 1:
             raise KdError(f"--dot-delta {self.dot_delta} is invalid with --momentum {self.momentum}",
                           "use 0 <= delta <= momentum with momentum + delta < 1, e.g. 0.075")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise KdError(f"--precision {self.precision!r} is invalid", "use auto, fp32 or bf16")
-        self._validate_recipe()
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise KdError(f"--device {self.device!r} is invalid", "use auto, cpu, cuda or cuda:N")
-
-    def _validate_recipe(self) -> None:
-        from kdcli.engine.optim import optimizer_names
-        from kdcli.engine.schedule import SCHEDULES
-
-        for flag, value, allowed in (("optimizer", self.optimizer, optimizer_names()), ("schedule", self.schedule, SCHEDULES)):
-            if value not in allowed:
-                raise KdError(f"--{flag} {value!r} is invalid", did_you_mean(value, allowed))
         if self.optimizer == "dot" and (self.accumulate > 1 or self.clip_grad is not None):
             raise KdError("--optimizer dot steps once per batch on its own two gradients",
                           "drop --accumulate and --clip-grad, or use --optimizer sgd")
-        for name in self.log:
-            if name not in LOGGERS:
-                raise KdError(f"--log {name!r} is invalid", did_you_mean(name, LOGGERS))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 LOGGERS = ("tensorboard", "wandb")
+# The registries' names (kdcli.engine.optim, kdcli.engine.schedule), here so flags are checked before
+# torch is imported; tests/test_recipes.py checks they match.
+OPTIMIZERS = ("sgd", "adamw", "dot")
+SCHEDULES = ("multistep", "cosine", "step", "constant")
 FIELD_NAMES = {f.name for f in fields(RunConfig)}
 # Written by the run itself (what the teacher was), not settings a user chooses.
 RECORDED_FIELDS = {"teacher_sha256", "teacher_source"}
+# The one schema of a run's settings: flags, presets and config.toml are all checked against it.
+FIELD_KINDS = {
+    "command": Str(("train", "distill")),
+    "student": Str(), "pretrained": Bool(), "teacher": Optional(Str()), "teacher_arch": Optional(Str()),
+    "teacher_sha256": Optional(Str()), "teacher_source": Optional(Str()),
+    "method": Str(), "options": Table(), "data": Str(), "data_dir": Optional(Str()), "download": Bool(),
+    "epochs": Int(1, 100_000), "batch_size": Int(1, 1 << 20), "eval_batch_size": Int(1, 1 << 20),
+    "lr": Optional(Float(0.0, low_open=True)), "momentum": Float(0.0, 1.0), "weight_decay": Float(0.0, 1.0),
+    "milestones": Optional(ListOf(Int(1, 100_000))), "lr_decay": Float(0.0, 1.0, low_open=True),
+    "student_pretrained": Optional(Bool()), "val_split": Optional(Float(0.0, 1.0, low_open=True)),
+    "optimizer": Str(OPTIMIZERS), "schedule": Str(SCHEDULES), "warmup_epochs": Float(0.0, 100_000.0),
+    "min_lr": Float(0.0), "step_size": Int(1, 100_000), "label_smoothing": Float(0.0, 1.0),
+    "clip_grad": Optional(Float(0.0, low_open=True)), "accumulate": Int(1, 1 << 20),
+    "ema": Optional(Float(0.0, 1.0, low_open=True)), "log": ListOf(Str(LOGGERS)),
+    "dot_delta": Float(0.0, 1.0),
+    "seed": Int(0, 2**63 - 1),  # torch generators take 64 bits; the method's seed is seed + 1
+    "device": Str(("auto", "cpu", "cuda"), pattern=r"cuda:\d{1,3}", shown="cuda:N"), "precision": Str(("auto", "fp32", "bf16")),
+    "channels_last": Bool(), "compile": Bool(), "sync_bn": Bool(), "workers": Int(0, 256), "out": Optional(Str()),
+}
+assert FIELD_KINDS.keys() == FIELD_NAMES
 # Tables a preset may hold for one command only; RunConfig ignores them (`[compare]`: the grid of kd compare).
 COMMAND_TABLES = {"compare"}
 
@@ -156,26 +156,64 @@ def load_preset(name: str) -> dict[str, Any]:
     return read_config_file(path)
 
 
-def read_config_file(path: Path) -> dict[str, Any]:
-    """A preset or config.toml as a dict of RunConfig fields; `[options]` holds method options."""
+class FileLayer(dict):
+    """Config keys read from a file; `source` names it in error messages."""
+
+    def __init__(self, values: dict[str, Any], source: Path):
+        super().__init__(values)
+        self.source = source
+
+
+def flag_name(key: str) -> str:
+    return "--set" if key == "options" else f"--{key.replace('_', '-')}"
+
+
+def read_config_file(path: Path) -> FileLayer:
+    """A preset or config.toml as RunConfig fields (`[options]`: method options), each value type-checked."""
+    path = Path(path)
     try:
-        values = tomllib.loads(path.read_text())
+        values = tomllib.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise KdError(f"config file {path} does not exist", "check the path") from None
+    except IsADirectoryError:
+        raise KdError(f"config file {path} is a folder", "pass the path of a .toml file") from None
+    except OSError as exc:
+        raise KdError(f"cannot read {path} ({exc.strerror})", "check the path and its permissions") from None
+    except UnicodeDecodeError as exc:
+        raise KdError(f"{path} is not UTF-8 text (byte {exc.start} cannot be decoded)",
+                      "TOML files are UTF-8: save it as UTF-8, or restore it if it was damaged") from None
     except tomllib.TOMLDecodeError as exc:
         raise KdError(f"{path} is not valid TOML: {exc}", "fix the syntax at the position shown") from None
     for key in values:
         if key not in FIELD_NAMES | COMMAND_TABLES:
             raise KdError(f"{path}: unknown key {key!r}", did_you_mean(key, FIELD_NAMES | COMMAND_TABLES))
-    return values
+    layer = FileLayer(values, path)
+    check_layer(layer)
+    return layer
+
+
+def check_layer(layer: dict[str, Any]) -> dict[str, Any]:
+    """Each value of a layer checked against the schema, named as its source wrote it (flag or file key)."""
+    source = getattr(layer, "source", None)
+    for key, value in layer.items():
+        if value is None or key in COMMAND_TABLES:
+            continue
+        if key not in FIELD_KINDS:
+            raise unknown("setting", key, FIELD_NAMES)
+        where = f"{source}: {key} =" if source is not None else flag_name(key)
+        layer[key] = schema.checked(FIELD_KINDS[key], value, where)
+    return layer
 
 
 def build_config(*layers: dict[str, Any]) -> RunConfig:
-    """Merge layers left to right (later wins; None means 'not given'); `options` tables merge too."""
+    """Merge layers left to right (later wins; None means 'not given'); `options` tables merge too.
+
+    Every layer is type-checked before the merge, the merged config against its ranges after it.
+    """
     merged: dict[str, Any] = {}
     options: dict[str, Any] = {}
     for layer in layers:
-        for key, value in layer.items():
+        for key, value in check_layer(layer if isinstance(layer, FileLayer) else dict(layer)).items():
             if value is None or key in COMMAND_TABLES:
                 continue
             if key == "options":
@@ -185,6 +223,14 @@ def build_config(*layers: dict[str, Any]) -> RunConfig:
     config = RunConfig(**merged, options=options)
     config.validate()
     return config
+
+
+def load_run_config(folder: str | Path) -> RunConfig:
+    """The resolved config of the run in `folder` (its config.toml), validated like any other input."""
+    path = Path(folder) / "config.toml"
+    if not path.is_file():
+        raise KdError(f"{folder} is not a kd run folder (no config.toml)", "pass the --out folder of an earlier run")
+    return dataclasses.replace(build_config(read_config_file(path)), out=str(folder))
 
 
 def parse_set_options(pairs: list[str]) -> dict[str, str]:
@@ -199,21 +245,21 @@ def parse_set_options(pairs: list[str]) -> dict[str, str]:
 
 
 def to_toml(config: RunConfig) -> str:
-    """config.toml text: top-level keys, then the [options] table. None values are omitted."""
-    data = config.to_dict()
-    options = data.pop("options")
-    lines = [f"{key} = {_toml_value(value)}" for key, value in data.items() if value is not None]
-    lines += ["", "[options]"]
-    lines += [f"{key} = {_toml_value(value)}" for key, value in sorted(options.items())]
-    return "\n".join(lines) + "\n"
+    """config.toml text (a real TOML writer: any path or string reads back); None values are omitted."""
+    data = {key: value for key, value in config.to_dict().items() if value is not None}
+    data["options"] = dict(sorted(data.get("options", {}).items()))
+    data = _as_toml_values(data)
+    text = tomli_w.dumps(data)
+    if tomllib.loads(text) != data:  # kd only ever writes a file it reads back the same
+        raise KdError("the run's settings cannot be written as TOML that reads back the same",
+                      "use plain strings, numbers and booleans for --set values")
+    return text
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
+def _as_toml_values(value: Any) -> Any:
+    """Tuples as lists, as TOML reads them back."""
+    if isinstance(value, dict):
+        return {key: _as_toml_values(v) for key, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{text}"'
+        return [_as_toml_values(v) for v in value]
+    return value

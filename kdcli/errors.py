@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import errno
 from collections.abc import Iterable
 
 
@@ -35,3 +36,10 @@ def unknown(kind: str, name: str, choices: Iterable[str], listing: str | None = 
     if listing:
         hint += f" (see `{listing}`)"
     return KdError(f"unknown {kind} {name!r}", hint)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT from Python, or the same error reported as text (safetensors' Rust writer)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(exc) or "os error 28" in str(exc)

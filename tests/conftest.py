@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,10 +46,14 @@ def kd(capsys, monkeypatch):
         capsys.readouterr()
         monkeypatch.setattr(sys, "argv", ["kd", *map(str, args)])
         code = 0
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             main()
         except SystemExit as exc:
             code = exit_code(exc)
+        finally:
+            for sig, handler in handlers.items():  # a stopped run leaves signals ignored, as a process on its way out
+                signal.signal(sig, handler)
         out, err = capsys.readouterr()
         return Result(code, out, err)
 

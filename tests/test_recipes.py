@@ -96,6 +96,9 @@ def test_sgd_decays_everything_as_the_cifar_protocol():
     assert isinstance(opt, torch.optim.SGD) and group["weight_decay"] == 5e-4 and group["momentum"] == 0.9
     assert _ids(group["params"]) == _ids(list(net.parameters()) + list(head.parameters()))
     assert {"sgd", "adamw", "dot"} <= set(optimizer_names())
+    from kdcli.config import OPTIMIZERS
+
+    assert set(OPTIMIZERS) == set(optimizer_names())  # the flag check knows every registered optimizer
 
 
 # ---- accumulation and clipping --------------------------------------------------------------------

@@ -52,8 +52,8 @@ def find_runs(dirs: list[str | Path]) -> tuple[list[Record], list[Path]]:
 def read_record(summary_path: Path) -> Record:
     run = RunDir(summary_path.parent)
     try:
-        summary = json.loads(summary_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        summary = json.loads(summary_path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
         raise KdError(f"cannot read {summary_path} ({exc})", "remove the damaged run folder or pass others") from None
     required = ("student", "method", "data", "top1", "best_top1")
     lacking = [k for k in required if k not in summary] if isinstance(summary, dict) else list(required)

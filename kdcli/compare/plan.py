@@ -21,6 +21,7 @@ DEFAULT_METHODS = ["none", "kd"]
 GRID_KEYS = ("pairs", "methods", "seeds")
 # Where and how fast a run trains, not what it learns: a finished run is reused across changes to these.
 PLACE_FIELDS = {"out", "device", "workers", "data_dir", "download", "eval_batch_size", "compile"}
+MAX_SEEDS = 1000
 SEEDS_HINT = "write a count (--seeds 3 means seeds 0, 1, 2) or a list (--seeds 0,1,2)"
 
 
@@ -136,14 +137,19 @@ def parse_methods(value: str | list[str]) -> list[str]:
 def parse_seeds(value: str | int | list[int]) -> list[int]:
     """A count N (seeds 0..N-1) or an explicit list (`0,1,2`, a TOML list)."""
     try:
+        if isinstance(value, bool) or (isinstance(value, list) and any(isinstance(v, (bool, float)) for v in value)):
+            raise TypeError(value)  # TOML true / 1.5 are no seeds
         if isinstance(value, list) or (isinstance(value, str) and "," in value):
             items = value if isinstance(value, list) else [v for v in value.split(",") if v.strip()]
             seeds = list(dict.fromkeys(int(v) for v in items))
         else:
-            seeds = list(range(int(value)))
+            count = int(value)
+            if count > MAX_SEEDS:  # a count, not a seed: range(10**9) would be the whole memory
+                raise ValueError(value)
+            seeds = list(range(count))
     except (TypeError, ValueError):
-        raise KdError(f"--seeds {value!r} is invalid", SEEDS_HINT) from None
-    if not seeds or min(seeds) < 0:
+        raise KdError(f"--seeds {value!r} is invalid", f"{SEEDS_HINT}; at most {MAX_SEEDS} seeds") from None
+    if not seeds or min(seeds) < 0 or max(seeds) > 2**63 - 1 or len(seeds) > MAX_SEEDS:
         raise KdError(f"--seeds {value!r} is invalid", SEEDS_HINT)
     return seeds
 

@@ -372,16 +372,22 @@ def _synthetic_options(text: str) -> dict[str, int]:
         key, eq, value = (s.strip() for s in item.partition("="))
         if key not in opts:
             raise unknown("synthetic option", key, opts)
-        if not eq or not value.lstrip("-").isdigit():
-            raise KdError(f"synthetic option {key!r} needs an integer value, got {item!r}", hint)
+        digits = value.removeprefix("-")
+        if not eq or not (digits.isascii() and digits.isdigit()) or len(digits) > 30:
+            raise KdError(f"synthetic option {key!r} needs an integer value, got {item[:60]!r}", hint)
         opts[key] = int(value)
     lows = {"classes": 2, "size": 8, "seed": 0, "n": 5 * opts["classes"]}
     for key, low in lows.items():
         if opts[key] < low:
             why = " (5 per class, so that every class has a val sample)" if key == "n" else ""
             raise KdError(f"synthetic option {key}={opts[key]} is too small: the least is {low}{why}", hint)
-    if opts["size"] > 512:
-        raise KdError(f"synthetic option size={opts['size']} is too large: the most is 512", hint)
+    highs = {"classes": 10_000, "size": 512, "seed": 2**63 - 1, "n": 1_000_000}
+    for key, high in highs.items():
+        if opts[key] > high:
+            raise KdError(f"synthetic option {key}={opts[key]} is too large: the most is {high}", hint)
+    if opts["n"] * opts["size"] ** 2 * 3 > 2**31:
+        raise KdError(f"synthetic data of n={opts['n']} images of size={opts['size']} would need over 2 GiB",
+                      "use fewer or smaller images (n x size x size x 3 bytes, at most 2 GiB)")
     return opts
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from kdcli import __version__
 from kdcli.errors import KdError
 
 _TENSOR = "__tensor__"
@@ -88,11 +90,59 @@ def load_state(path: Path) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}
         return unflatten(json.loads(header[STATE_KEY]), tensors)
-    except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as exc:
+    except (SafetensorError, KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError, OSError) as exc:
         raise KdError(
             f"checkpoint {path} is unreadable ({exc})",
             "it may be truncated or not written by kd; start a fresh run or point at another run folder",
         ) from None
+
+
+def _unreadable(path: Path, why: str) -> KdError:
+    return KdError(
+        f"checkpoint {path} is inconsistent ({why})",
+        "it was not written by this kd run or was edited; start a fresh run (--overwrite) or point at another run folder",
+    )
+
+
+def load_resume_state(path: Path, epochs: int) -> dict[str, Any]:
+    """A resume checkpoint (`load_state`), its header checked field by field before anything is restored:
+    a forged or damaged file is refused with a message, never half-applied."""
+    state = load_state(path)
+    if not isinstance(state, dict):
+        raise _unreadable(path, "its state is not a table")
+    if state.get("kdcli_version") != __version__:
+        return state  # another kd's layout: the caller refuses it by version, which says more
+    tables = ("student", "method", "optimizer", "method_optimizers", "rng")
+    missing = [key for key in ("epoch", "best_top1", "best_epoch", *tables) if key not in state]
+    if missing:
+        raise _unreadable(path, "no " + ", ".join(missing))
+    epoch, best_epoch = state["epoch"], state["best_epoch"]
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch <= epochs:
+        raise _unreadable(path, f"epoch {epoch!r} is not a whole number of epochs from 0 to {epochs}")
+    if isinstance(best_epoch, bool) or not isinstance(best_epoch, int) or not 0 <= best_epoch <= epoch:
+        raise _unreadable(path, f"best epoch {best_epoch!r} is not in 0..{epoch}")
+    if isinstance(state["best_top1"], bool) or not isinstance(state["best_top1"], (int, float)):
+        raise _unreadable(path, f"best top-1 {state['best_top1']!r} is not a number")
+    bad = [key for key in tables if not isinstance(state[key], dict)]
+    if bad:
+        raise _unreadable(path, ", ".join(bad) + " not a table")
+    if not isinstance(state["rng"].get("torch"), torch.Tensor) or state["rng"]["torch"].dtype != torch.uint8:
+        raise _unreadable(path, "no torch RNG state")
+    partial = state.get("partial")
+    if partial is not None and not (
+        isinstance(partial, dict) and partial.get("epoch") == epoch + 1 and isinstance(partial.get("sums"), dict)
+    ):
+        raise _unreadable(path, "its mid-epoch state does not follow its last epoch")
+    return state
+
+
+@contextmanager
+def restoring(path: Path):
+    """Loading a checked state into the run's modules: a state that does not fit them is the file's fault."""
+    try:
+        yield
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
+        raise _unreadable(path, f"it does not fit this run: {str(exc).strip().splitlines()[0][:200]}") from None
 
 
 def rng_state() -> dict[str, Any]:

@@ -16,7 +16,7 @@ import math
 from bisect import bisect_left
 from dataclasses import dataclass, field
 
-SCHEDULES = ("multistep", "cosine", "step", "constant")
+from kdcli.config import SCHEDULES  # one list of names, checked with the flags
 
 
 def multistep_lr(base_lr: float, epoch: int, milestones: list[int], decay: float) -> float:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from kdcli import __version__
 from kdcli.batch import Batch
 from kdcli.engine import distributed
-from kdcli.engine.checkpoint import load_state, rng_state, save_state, set_rng_state
+from kdcli.engine.checkpoint import load_resume_state, restoring, rng_state, save_state, set_rng_state
 from kdcli.engine.evaluate import Evaluation, evaluate
 from kdcli.engine.precision import autocast, classifier_in_fp32
 from kdcli.engine.rundir import RunDir
@@ -373,7 +373,8 @@ class Trainer:
         raise KdError(
             f"training diverged: the loss became non-finite by step {step} of epoch {epoch} ({described})",
             f"lower --lr or the method's weights (--set ...), or train with --precision fp32; "
-            f"the last good checkpoint is kept in {self.run.checkpoints}",
+            + (f"the last good checkpoint is kept in {self.run.checkpoints}" if self.run.last.exists()
+               else "it diverged before its first checkpoint, so start it again in a new --out"),
             exit_code=1,
         )
 
@@ -412,7 +413,7 @@ class Trainer:
                 note(f"{self.run.path} has no checkpoint yet: starting the run from its first epoch")
             self.run.truncate_metrics(0)
             return 0, None
-        state = load_state(self.run.last)
+        state = load_resume_state(self.run.last, self.schedule.epochs)
         if state.get("kdcli_version") != __version__:
             raise KdError(
                 f"{self.run.path} was written by kd {state.get('kdcli_version')}, this is kd {__version__}",
@@ -423,18 +424,22 @@ class Trainer:
                 f"{self.run.config} changed since the run's last checkpoint",
                 "restore the original config.toml, or start a new run with --out elsewhere",
             )
-        self.student.load_state_dict(state["student"])
-        self.method.load_state_dict(state["method"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        for name, optimizer in self.method.own_optimizers().items():
-            optimizer.load_state_dict(state["method_optimizers"][name])
-        if self.ema is not None:
-            self.ema.module.load_state_dict(state["ema"])
-        self.stages.load(state.get("stages", {}))
+        with restoring(self.run.last):
+            self.student.load_state_dict(state["student"])
+            self.method.load_state_dict(state["method"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            for name, optimizer in self.method.own_optimizers().items():
+                optimizer.load_state_dict(state["method_optimizers"][name])
+            if self.ema is not None:
+                self.ema.module.load_state_dict(state["ema"])
+            self.stages.load(state.get("stages", {}))
+            set_rng_state(state["rng"])
+            partial = state.get("partial")
+            if partial is not None:
+                EpochSums.from_state(partial["sums"], self.device)  # fails here, not mid-epoch
         self.best_top1, self.best_epoch = state["best_top1"], state["best_epoch"]
-        set_rng_state(state["rng"])
         self.run.truncate_metrics(state["epoch"])
-        return int(state["epoch"]), state.get("partial")
+        return int(state["epoch"]), partial
 
 
 def peak_memory_mb(device: torch.device) -> float:

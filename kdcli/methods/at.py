@@ -26,6 +26,7 @@ class AttentionTransfer(Method):
     year = 2017
     needs = Needs(features=True)
     defaults = {"ce": 1.0, "kd": 0.0, "T": 4.0, "beta": 1000.0, "p": 2.0}
+    ranges = {"beta": "nonnegative", "p": "positive"}
 
     def __init__(self, student: Shapes, teacher: Shapes, num_samples: int, teacher_head=None, **hparams):
         super().__init__(student, teacher, num_samples, teacher_head=teacher_head, **hparams)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -56,6 +58,9 @@ class Method(nn.Module):
     needs: ClassVar[Needs] = Needs()
     defaults: ClassVar[dict[str, Any]] = {"ce": 1.0, "kd": 0.0, "T": 4.0}
     label_smoothing: float = 0.0  # of every ce term (`--label-smoothing`, set by the run's builder)
+    # Valid values of options (see RANGES); merged along the class hierarchy, so a subclass names only
+    # its own. An undeclared numeric option must still be finite; loss weights default to nonnegative.
+    ranges: ClassVar[dict[str, str]] = {"ce": "nonnegative", "kd": "nonnegative", "T": "positive"}
 
     def __init__(
         self,
@@ -188,20 +193,56 @@ def list_methods() -> dict[str, type[Method]]:
     return dict(sorted(_REGISTRY.items()))
 
 
+# What each range name admits (the `ranges` convention shared by every method).
+RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "positive": (lambda x: x > 0, "a finite number above 0"),
+    "nonnegative": (lambda x: x >= 0, "a finite number, not negative"),
+    "fraction": (lambda x: 0 <= x <= 1, "a number from 0 to 1"),
+    "count": (lambda x: x >= 1 and float(x).is_integer(), "a positive integer (1 or more)"),
+    "any": (lambda x: True, "a finite number"),
+}
+
+
+def hparam_ranges(cls: type[Method]) -> dict[str, str]:
+    """The declared range of every option of `cls`, base classes first, the subclass's own last."""
+    merged: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        merged.update(vars(klass).get("ranges", {}))
+    return merged
+
+
 def resolve_hparams(cls: type[Method], overrides: dict[str, Any]) -> dict[str, Any]:
-    """The class defaults updated with `overrides`, each coerced to its default's type."""
+    """The class defaults updated with `overrides`, each coerced to its default's type and checked against its range."""
     resolved = dict(cls.defaults)
+    ranges = hparam_ranges(cls)
     for key, value in overrides.items():
         if key not in resolved:
             raise unknown(f"option for method {cls.name!r}:", key, resolved)
-        resolved[key] = coerce(key, value, resolved[key])
+        resolved[key] = check_range(key, coerce(key, value, resolved[key]), ranges.get(key, "any"), cls.defaults[key])
     return resolved
 
 
+def check_range(key: str, value: Any, kind: str, default: Any = None) -> Any:
+    """`value` if it is finite and inside the range named `kind` (lists: every item); a KdError otherwise."""
+    admits, expected = RANGES[kind]
+    for item in value if isinstance(value, (list, tuple)) else [value]:
+        if isinstance(item, bool) or not isinstance(item, (int, float)):
+            continue  # switches and names: the method checks their choices
+        try:
+            finite = math.isfinite(item)
+        except OverflowError:  # an integer beyond any float
+            finite = False
+        if not finite or not admits(item):
+            raise KdError(f"option {key}={item!r} is out of range: {key} must be {expected}", f"the default is --set {key}={default}" if default is not None else f"use {expected}")
+    return value
+
+
 def coerce(key: str, value: Any, default: Any) -> Any:
-    """Convert a `--set` value (often a string) to the type of the default."""
-    if default is None or not isinstance(value, str):
+    """Convert a `--set` value (often a string) to the type of the default; refuse a value of another type."""
+    if default is None:
         return value
+    if not isinstance(value, str):
+        return _typed(key, value, default)
     try:
         if isinstance(default, bool):
             lowered = value.lower()
@@ -219,6 +260,29 @@ def coerce(key: str, value: Any, default: Any) -> Any:
             f"option {key}={value!r} is not a valid {type(default).__name__}",
             f"write it like {key}={default!r}",
         ) from None
+    return value
+
+
+def _typed(key: str, value: Any, default: Any) -> Any:
+    """A non-string value (a preset's TOML `T = true`) must have the default's type; ints pass as floats."""
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok and abs(value) < 1e308 else value
+    elif isinstance(default, (list, tuple)):
+        ok = isinstance(value, (list, tuple))
+        if ok and default:
+            value = type(default)(_typed(key, v, default[0]) for v in value)
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise KdError(
+            f"option {key}={value!r} is not a valid {type(default).__name__}",
+            f"write it like {key}={default!r}",
+        )
     return value
 
 

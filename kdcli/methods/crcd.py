@@ -177,6 +177,10 @@ class CRCD(Method):
         "negatives": "class",  # "class": other classes only (the reference sampler); "any": all other samples
         "chunk": 1 << 22,  # most relation scores (samples x anchors x (K+1)) one block computes at once
     }
+    ranges = {
+        "beta": "nonnegative", "grad": "nonnegative", "dim": "count", "K": "count", "tau": "positive",
+        "momentum": "fraction", "off_frac": "fraction", "chunk": "count",
+    }
 
     def __init__(self, student: Shapes, teacher: Shapes, num_samples: int, teacher_head=None, **hparams):
         super().__init__(student, teacher, num_samples, teacher_head=teacher_head, **hparams)

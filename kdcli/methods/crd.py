@@ -81,6 +81,7 @@ class CRD(Method):
         "momentum": 0.5,  # memory update momentum (nce_m)
         "negatives": "class",  # "class": other classes only (the reference sampler); "any": all other samples
     }
+    ranges = {"beta": "nonnegative", "dim": "count", "K": "count", "tau": "positive", "momentum": "fraction"}
 
     def __init__(self, student: Shapes, teacher: Shapes, num_samples: int, teacher_head=None, **hparams):
         super().__init__(student, teacher, num_samples, teacher_head=teacher_head, **hparams)

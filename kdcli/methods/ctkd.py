@@ -81,6 +81,10 @@ class CurriculumTemperatureKD(Method):
         "t_start": _T_START, "t_range": _T_RANGE,
         "lambda_min": 0.0, "lambda_max": 1.0, "lambda_epochs": 10, "logit_std": False,
     }
+    ranges = {
+        "t_start": "positive", "t_range": "nonnegative", "lambda_min": "nonnegative", "lambda_max": "nonnegative",
+        "lambda_epochs": "count",
+    }
 
     def __init__(self, student: Shapes, teacher: Shapes, num_samples: int, teacher_head=None, **hparams: Any):
         hparams = logit_std_options(hparams, weight="kd", temperature=None)

@@ -41,6 +41,7 @@ class DecoupledKD(LogitStdKD, Method):
         "ce": 1.0, "kd": 0.0, "T": 4.0,
         "dkd": 1.0, "alpha": 1.0, "beta": 8.0, "warmup": 20, "logit_std": False,
     }
+    ranges = {"dkd": "nonnegative", "alpha": "nonnegative", "beta": "nonnegative", "warmup": "nonnegative"}
 
     def __init__(self, student: Shapes, teacher: Shapes, num_samples: int, teacher_head=None, **hparams: Any):
         hparams = logit_std_options(hparams, weight="dkd")

@@ -280,6 +280,14 @@ class InstanceTemperatureKD(Method):
         "dkd_alpha": 1.0, "dkd_beta": 8.0, "dkd_warmup": 20,
         "purify": False, "purify_every": 20,
     }
+    ranges = {
+        "warmup": "nonnegative", "rl_every": "count", "t_min": "positive", "t_max": "positive",
+        "gamma": "fraction", "lam": "fraction", "clip": "positive", "critic_epochs": "count",
+        "actor_epochs": "count", "actor_lr": "positive", "critic_lr": "positive", "aux_lr": "positive",
+        "max_grad_norm": "positive", "redistribution_steps": "count", "detector_steps": "count",
+        "detector_l1": "nonnegative", "dkd_alpha": "nonnegative", "dkd_beta": "nonnegative",
+        "dkd_warmup": "nonnegative",
+    }
 
     def __init__(self, student: Shapes, teacher: Shapes, num_samples: int, teacher_head=None, **hparams: Any):
         given = frozenset(hparams)

@@ -124,6 +124,10 @@ class MultiLevelKD(Method):
         "dim": 128,
         "align_width": 16,
     }
+    ranges = {
+        "corr": "nonnegative", "supcon": "nonnegative", "align": "nonnegative", "tau_corr": "positive",
+        "tau_sup": "positive", "tau_base": "positive", "dim": "count", "align_width": "count",
+    }
 
     def __init__(self, student: Shapes, teacher: Shapes, num_samples: int, teacher_head=None, **hparams):
         super().__init__(student, teacher, num_samples, teacher_head=teacher_head, **hparams)

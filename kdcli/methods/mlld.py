@@ -54,6 +54,7 @@ class MultiLevelLogitDistillation(Method):
         "batch_masks": False,
         "logit_std": False,
     }
+    ranges = {"mask_fraction": "fraction"}
 
     def __init__(self, student: Shapes, teacher: Shapes, num_samples: int, teacher_head=None, **hparams: Any):
         hparams = logit_std_options(hparams)  # kd 9 and T 2 by default with logit_std=true

@@ -23,6 +23,7 @@ class ProbabilisticKT(Method):
     year = 2018
     needs = Needs(embedding=True)
     defaults = {"ce": 1.0, "kd": 0.0, "T": 4.0, "beta": 30000.0}
+    ranges = {"beta": "nonnegative"}
 
     def distill(self, s: Outputs, t: Outputs | None, batch: Batch) -> dict[str, Tensor]:
         return {"pkt": self.hp["beta"] * pkt_loss(s.embedding, t.embedding)}

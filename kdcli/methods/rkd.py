@@ -24,6 +24,7 @@ class RelationalKD(Method):
     year = 2019
     needs = Needs(embedding=True)
     defaults = {"ce": 1.0, "kd": 0.0, "T": 4.0, "beta": 1.0, "w_dist": 25.0, "w_angle": 50.0}
+    ranges = {"beta": "nonnegative", "w_dist": "nonnegative", "w_angle": "nonnegative"}
 
     def distill(self, s: Outputs, t: Outputs | None, batch: Batch) -> dict[str, Tensor]:
         loss = rkd_loss(s.embedding, t.embedding, self.hp["w_dist"], self.hp["w_angle"])

@@ -54,6 +54,7 @@ class SimilarityPreserving(Method):
     year = 2019
     needs = Needs(features=True)
     defaults = {"ce": 1.0, "kd": 0.0, "T": 4.0, "beta": 3000.0, "stages": [-1]}
+    ranges = {"beta": "nonnegative"}
 
     def __init__(self, student: Shapes, teacher: Shapes, num_samples: int, teacher_head=None, **hparams):
         super().__init__(student, teacher, num_samples, teacher_head=teacher_head, **hparams)

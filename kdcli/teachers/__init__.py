@@ -18,11 +18,12 @@ from kdcli.teachers.resolve import (
     in_release, is_external, load_network, teacher_digest, teacher_file, teacher_source,
 )
 from kdcli.teachers.store import (
-    check_free, dataset_key, file_sha256, find_teacher, kd_home, list_teachers, register_teacher, teacher_path,
+    check_free, check_kd_home, dataset_key, file_sha256, find_teacher, kd_home, list_teachers, register_teacher,
+    teacher_path,
 )
 
 __all__ = [
-    "FORMAT", "RELEASE_URL", "check_free", "dataset_key", "fetch", "file_sha256", "find_teacher", "import_path",
+    "FORMAT", "RELEASE_URL", "check_free", "check_kd_home", "dataset_key", "fetch", "file_sha256", "find_teacher", "import_path",
     "in_release", "input_metadata", "is_external", "is_weights_path", "kd_home", "list_teachers", "load_model_file",
     "load_network", "read_input", "read_metadata", "register_teacher", "save_model", "teacher_digest",
     "teacher_file", "teacher_path", "teacher_source",

@@ -6,6 +6,7 @@ names before `torch.load(weights_only=True)` sees them: a crafted file never run
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -47,17 +48,44 @@ def input_metadata(mean, std, size: int | None = None) -> dict[str, str]:
     return metadata
 
 
-def read_input(metadata: dict[str, str]) -> tuple[tuple[float, ...], tuple[float, ...], int | None] | None:
-    """(mean, std, image size or None) recorded by `input_metadata`; None when the file has none."""
+def read_input(
+    metadata: dict[str, str], source: Path | str = "the weights file"
+) -> tuple[tuple[float, ...], tuple[float, ...], int | None] | None:
+    """(mean, std, image size or None) recorded by `input_metadata`; None when the file has none.
+
+    Recorded but malformed values (not 1 or 3 finite numbers, a std of 0) are refused: evaluating with
+    them would normalise every image wrongly, or divide by zero."""
     if "mean" not in metadata or "std" not in metadata:
         return None
-    try:
-        mean = tuple(float(v) for v in metadata["mean"].split(","))
-        std = tuple(float(v) for v in metadata["std"].split(","))
-        size = int(metadata["image_size"]) if metadata.get("image_size") else None
-    except ValueError:
-        return None
+    mean = _numbers(metadata, "mean", source, positive=False)
+    std = _numbers(metadata, "std", source, positive=True)
+    size = _metadata_int(metadata, "image_size", source, 8, 4096) if metadata.get("image_size") else None
     return mean, std, size
+
+
+def _numbers(metadata: dict[str, str], key: str, source, positive: bool) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in metadata[key].split(","))
+    except ValueError:
+        values = ()
+    if len(values) not in (1, 3) or not all(math.isfinite(v) and (v > 0 or not positive) for v in values):
+        raise KdError(
+            f"{source} has malformed metadata: {key}={metadata[key][:60]!r}",
+            f"{key} must be 1 or 3 comma-separated finite numbers{' above 0' if positive else ''}; "
+            "re-save the weights with kd, or fix the file's metadata",
+        )
+    return values
+
+
+def _metadata_int(metadata: dict[str, str], key: str, source, low: int, high: int) -> int:
+    text = str(metadata.get(key, ""))
+    value = int(text) if text.strip().isdigit() and len(text) < 12 else None
+    if value is None or not low <= value <= high:
+        raise KdError(
+            f"{source} has malformed metadata: {key}={text[:60]!r}",
+            f"{key} must be an integer from {low} to {high}; re-save the weights with kd, or fix the file's metadata",
+        )
+    return value
 
 
 def read_metadata(path: Path) -> dict[str, str]:
@@ -97,7 +125,7 @@ def load_model_file(
                 "pass a student.safetensors/model.safetensors from a kd run, or a RepDistiller .pth with --arch",
             )
         arch = arch or metadata["arch"]
-        file_classes = int(metadata["num_classes"])
+        file_classes = _metadata_int(metadata, "num_classes", path, 1, 1_000_000)
         _check_classes(path, file_classes, num_classes)
         model = create_model(arch, num_classes=file_classes)
         _check_layout(path, model, _safetensors_layout(path), arch)

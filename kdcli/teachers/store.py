@@ -21,9 +21,27 @@ def kd_home() -> Path:
     return Path(os.environ.get("KD_HOME", "~/.cache/kdcli")).expanduser()
 
 
+def check_kd_home() -> Path:
+    """The teacher store's root, refused up front when it (or a folder above it) is a file: found at
+    the start of a run, not after the run trained and tries to register its weights."""
+    home = kd_home()
+    for folder in (home / "teachers", home, *home.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise KdError(
+                    f"KD_HOME {home} is not a folder ({folder} is a file)",
+                    "point KD_HOME at a folder (or unset it for ~/.cache/kdcli); kd keeps its teacher store there",
+                )
+            break
+    return home
+
+
 def dataset_key(dataset: str) -> str:
     """A folder name for a dataset spec (`synthetic:classes=10` -> `synthetic_classes_10`)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", dataset).strip("_")
+    key = re.sub(r"[^A-Za-z0-9._-]+", "_", dataset).strip("_")
+    if len(key) > 120:  # a folder name must fit the file system's 255 bytes: long specs keep a digest
+        key = f"{key[:100]}-{hashlib.sha256(dataset.encode('utf-8', 'surrogatepass')).hexdigest()[:16]}"
+    return key
 
 
 def teacher_path(arch: str, dataset: str) -> Path:
