@@ -78,14 +78,6 @@ class RunConfig:
         """Reject values no run can use (types, ranges, finiteness), before anything is written."""
         for name, value in self.to_dict().items():
             setattr(self, name, schema.checked(FIELD_KINDS[name], value, flag_name(name)))
-        open_above = [  # bounds the schema's closed ranges cannot say
-            (self.label_smoothing < 1, "label-smoothing", self.label_smoothing, "in [0, 1)"),
-            (self.ema is None or self.ema < 1, "ema", self.ema, "a decay in (0, 1), e.g. 0.9998"),
-            (self.val_split is None or self.val_split < 1, "val-split", self.val_split, "a fraction in (0, 1), e.g. 0.1"),
-        ]
-        for ok, name, value, expected in open_above:
-            if not ok:
-                raise KdError(f"--{name} {value} is invalid", f"use {expected}")
         if not 0 <= self.dot_delta <= self.momentum or self.momentum + self.dot_delta >= 1:
             raise KdError(f"--dot-delta {self.dot_delta} is invalid with --momentum {self.momentum}",
                           "use 0 <= delta <= momentum with momentum + delta < 1, e.g. 0.075")
@@ -114,11 +106,11 @@ FIELD_KINDS = {
     "epochs": Int(1, 100_000), "batch_size": Int(1, 1 << 20), "eval_batch_size": Int(1, 1 << 20),
     "lr": Optional(Float(0.0, low_open=True)), "momentum": Float(0.0, 1.0), "weight_decay": Float(0.0, 1.0),
     "milestones": Optional(ListOf(Int(1, 100_000))), "lr_decay": Float(0.0, 1.0, low_open=True),
-    "student_pretrained": Optional(Bool()), "val_split": Optional(Float(0.0, 1.0, low_open=True)),
+    "student_pretrained": Optional(Bool()), "val_split": Optional(Float(0.0, 1.0, low_open=True, high_open=True)),
     "optimizer": Str(OPTIMIZERS), "schedule": Str(SCHEDULES), "warmup_epochs": Float(0.0, 100_000.0),
-    "min_lr": Float(0.0), "step_size": Int(1, 100_000), "label_smoothing": Float(0.0, 1.0),
+    "min_lr": Float(0.0), "step_size": Int(1, 100_000), "label_smoothing": Float(0.0, 1.0, high_open=True),
     "clip_grad": Optional(Float(0.0, low_open=True)), "accumulate": Int(1, 1 << 20),
-    "ema": Optional(Float(0.0, 1.0, low_open=True)), "log": ListOf(Str(LOGGERS)),
+    "ema": Optional(Float(0.0, 1.0, low_open=True, high_open=True)), "log": ListOf(Str(LOGGERS)),
     "dot_delta": Float(0.0, 1.0),
     "seed": Int(0, 2**63 - 1),  # torch generators take 64 bits; the method's seed is seed + 1
     "device": Str(("auto", "cpu", "cuda"), pattern=r"cuda:\d{1,3}", shown="cuda:N"), "precision": Str(("auto", "fp32", "bf16")),

@@ -36,14 +36,15 @@ class Int:
 
 @dataclass(frozen=True)
 class Float:
-    """A finite number in its range (`low_open`: strictly above `low`); integers are accepted as floats."""
+    """A finite number in its range (`low_open`/`high_open`: strictly inside); integers are accepted as floats."""
 
     low: float | None = None
     high: float | None = None
     low_open: bool = False
+    high_open: bool = False
 
     def check(self, value: Any) -> float:
-        expected = Invalid("a finite number" + _bounds(self.low, self.high, self.low_open))
+        expected = Invalid("a finite number" + _bounds(self.low, self.high, self.low_open, self.high_open))
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise expected
         try:
@@ -54,7 +55,7 @@ class Float:
             raise expected
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
             raise expected
-        if self.high is not None and value > self.high:
+        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
             raise expected
         return value
 
@@ -138,10 +139,10 @@ def _utf8(text: str) -> bool:
     return True
 
 
-def _bounds(low, high, low_open: bool = False) -> str:
+def _bounds(low, high, low_open: bool = False, high_open: bool = False) -> str:
     if low is not None and high is not None:
         if isinstance(low, float) or isinstance(high, float):
-            return f" in {'(' if low_open else '['}{low:g}, {high:g}]"
+            return f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
         return f" from {low} to {high}"
     if low is not None:
         return f" above {low:g}" if low_open else f" of {low:g} or more"

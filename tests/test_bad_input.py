@@ -349,8 +349,8 @@ def test_overwrite_replaces_only_what_kd_wrote(kd, tmp_path, pristine_run):
     result = kd("train", "resnet8", *COMMON, "--out", run, "--overwrite", "--seed", "1")
     assert result.code == 0, result.stderr
     assert 'seed = 1' in (run / "config.toml").read_text()
-    assert {p.name for p in run.iterdir()} <= {"config.toml", "metrics.jsonl", "summary.json", "model.safetensors",
-                                               "checkpoints", LOCK_NAME}
+    assert {p.name for p in run.iterdir()} <= {"config.toml", "metrics.jsonl", "summary.json", "summary.csv",
+                                               "model.safetensors", "checkpoints", LOCK_NAME}
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1  # the old run's lines are gone
 
 

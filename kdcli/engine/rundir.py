@@ -16,7 +16,12 @@ from kdcli.errors import KdError
 
 LOCK_NAME = ".kd.lock"
 # What kd writes in a run folder (and so what --overwrite may remove); checkpoints/ holds only CHECKPOINT_FILES.
-RUN_FILES = ("config.toml", "metrics.jsonl", "summary.json", "student.safetensors", "model.safetensors", LOCK_NAME)
+RUN_FILES = (
+    "config.toml", "metrics.jsonl", "summary.json", "summary.csv", "student.safetensors", "model.safetensors",
+    "student_ema.safetensors", "model_ema.safetensors", LOCK_NAME,
+)
+# Folders the loggers own (--log tensorboard, --log wandb), replaced whole by --overwrite.
+LOG_FOLDERS = ("tensorboard", "wandb")
 CHECKPOINT_FILES = ("last.safetensors", "best.safetensors")
 
 
@@ -84,13 +89,15 @@ class RunDir:
 
     def _kd_files(self) -> list[Path]:
         """The files and folders of a run present here (what --overwrite replaces)."""
-        return [p for p in (*(self.path / n for n in RUN_FILES), self.checkpoints) if p.exists() and p.name != LOCK_NAME]
+        owned = (*(self.path / n for n in (*RUN_FILES, *LOG_FOLDERS)), self.checkpoints)
+        return [p for p in owned if p.exists() and p.name != LOCK_NAME]
 
     def foreign_files(self) -> list[Path]:
         """Everything in the folder that kd does not write; a config.toml that is no kd config counts too."""
         if not self.path.is_dir():
             return []
-        foreign = [p for p in sorted(self.path.iterdir()) if p.name not in (*RUN_FILES, "checkpoints") and not _leftover(p.name)]
+        owned = (*RUN_FILES, *LOG_FOLDERS, "checkpoints")
+        foreign = [p for p in sorted(self.path.iterdir()) if p.name not in owned and not _leftover(p.name)]
         if self.checkpoints.exists():
             inside = sorted(self.checkpoints.iterdir()) if self.checkpoints.is_dir() else [self.checkpoints]
             foreign += [p for p in inside if p.name not in CHECKPOINT_FILES and not _leftover(p.name)]
