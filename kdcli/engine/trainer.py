@@ -212,6 +212,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.method.on_epoch_start(epoch, s.epochs)
+        if partial and partial.get("method") is not None:
+            self.method.load_running_state(partial["method"])
         started = time.perf_counter()
         sums = EpochSums.from_state(partial["sums"], self.device) if partial else EpochSums()
         train = self._train_epoch(epoch, sums)
@@ -268,7 +270,9 @@ class Trainer:
                 if not all(math.isfinite(v) for v in unchecked.values()):
                     self._diverged(epoch, step, unchecked)  # never checkpoint a diverged state
                 sums.seconds += time.perf_counter() - started
-                self._save_checkpoint(epoch - 1, partial={"epoch": epoch, "sums": self._rank_mean(sums).state()})
+                self._save_checkpoint(epoch - 1, partial={
+                    "epoch": epoch, "sums": self._rank_mean(sums).state(), "method": self.method.running_state(),
+                })
                 raise Stopped(
                     f"interrupted at step {step}/{total} of epoch {epoch}; a resumable checkpoint is saved",
                     f"resume with: {self.resume_command} --resume {self.run.path}",
