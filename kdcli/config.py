@@ -45,7 +45,7 @@ class RunConfig:
     channels_last: bool = True
     compile: bool = False
     sync_bn: bool = False  # SyncBatchNorm across the processes of a DDP run (GPUs)
-    workers: int = 4
+    workers: int | None = None  # image-folder decoding workers; None: one per core, at most 8
     out: str | None = None
 
     def milestone_epochs(self) -> list[int]:
@@ -64,7 +64,7 @@ class RunConfig:
             (self.momentum >= 0, "momentum", self.momentum, "0 or more"),
             (self.weight_decay >= 0, "weight-decay", self.weight_decay, "0 or more"),
             (0 < self.lr_decay <= 1, "lr-decay", self.lr_decay, "in (0, 1]"),
-            (self.workers >= 0, "workers", self.workers, "0 or more"),
+            (self.workers is None or self.workers >= 0, "workers", self.workers, "0 or more"),
         ]
         for ok, name, value, expected in checks:
             if not ok:

@@ -31,6 +31,7 @@ from kdcli.batch import Batch
 from kdcli.engine import distributed
 from kdcli.engine.checkpoint import load_state, rng_state, save_state, set_rng_state
 from kdcli.engine.evaluate import Evaluation, evaluate
+from kdcli.engine.memory import peak_memory_mb, reset_peak_memory
 from kdcli.engine.precision import autocast, classifier_in_fp32
 from kdcli.engine.rundir import RunDir
 from kdcli.engine.schedule import multistep_lr
@@ -215,6 +216,7 @@ class Trainer:
         if partial and partial.get("method") is not None:
             self.method.load_running_state(partial["method"])
         started = time.perf_counter()
+        reset_peak_memory(self.device)  # the epoch's own peak: not the teacher's evaluation, not earlier runs
         sums = EpochSums.from_state(partial["sums"], self.device) if partial else EpochSums()
         train = self._train_epoch(epoch, sums)
         val = evaluate(self.eval_fn, self.val_loader)
@@ -384,15 +386,6 @@ class Trainer:
         set_rng_state(state["rng"])
         self.run.truncate_metrics(state["epoch"])
         return int(state["epoch"]), state.get("partial")
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory so far: CUDA allocations on a GPU, the process's peak resident size on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _fast_step(device: torch.device) -> dict[str, bool]:
