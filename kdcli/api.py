@@ -90,6 +90,7 @@ def run(config: RunConfig, overwrite: bool = False, resume: bool = False, report
         precision=resolve_precision(config.precision, device),
         fingerprint=config_fingerprint(run_dir.config.read_text()),
         compile=config.compile,
+        deterministic=config.deterministic,
         resume_command=f"kd {config.command}",
         world=world,
     )

@@ -44,6 +44,7 @@ class RunConfig:
     precision: str = "auto"  # auto: bf16 autocast where the hardware has fast bf16, else fp32
     channels_last: bool = True
     compile: bool = False
+    deterministic: bool = False  # deterministic kernels only (bit-exact GPU resume; slower)
     sync_bn: bool = False  # SyncBatchNorm across the processes of a DDP run (GPUs)
     workers: int | None = None  # image-folder decoding workers; None: one per core, at most 8
     out: str | None = None

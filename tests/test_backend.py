@@ -57,3 +57,68 @@ def test_epoch_peak_memory_excludes_what_ran_before_the_run(tmp_path):
                           "epochs": 1, "batch_size": 32, "device": "cpu", "out": str(out)}), reporter=_Silent())
     epoch = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert 0 < epoch["peak_memory_mb"] < before - 200
+
+
+# ---- backend flags -------------------------------------------------------------------------------
+
+def _flags() -> tuple:
+    return (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark,
+            torch.backends.cudnn.deterministic, torch.are_deterministic_algorithms_enabled(),
+            os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+
+
+def test_fp32_turns_tf32_off_and_deterministic_asks_for_deterministic_kernels(monkeypatch):
+    from kdcli.engine.backend import run_backend, strict_fp32
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as a user's script may leave them
+    outside = _flags()
+    with run_backend("fp32"):
+        assert _flags() == (False, False, True, False, False, None)  # really fp32; benchmark: shapes are static
+    assert _flags() == outside  # restored for library callers
+    with run_backend("bf16"):
+        assert _flags()[:3] == (False, True, True)  # bf16 convs may use TF32's fp32 accumulate path, matmuls not
+    with run_backend("fp32", deterministic=True):
+        assert _flags() == (False, False, False, True, True, ":4096:8")
+    assert _flags() == outside
+    with strict_fp32():
+        assert _flags()[:2] == (False, False)
+    assert _flags() == outside
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True  # torch's defaults
+
+
+def test_deterministic_is_a_config_field_and_cli_flag_recorded_in_config_toml(kd, tmp_path):
+    out = tmp_path / "run"
+    result = kd("train", "resnet8", "--data", TINY_DATA, "--epochs", "1", "--batch-size", "32", "--device", "cpu",
+                "--deterministic", "--out", str(out), "--json")
+    assert result.code == 0, result.stderr
+    assert read_config_file(out / "config.toml")["deterministic"] is True
+    assert build_config(read_config_file(out / "config.toml")).deterministic is True
+    assert RunConfig().deterministic is False
+    assert not torch.are_deterministic_algorithms_enabled()  # the run's switches end with it
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory):
+    from kdcli.models import create_model
+    from kdcli.weights import save_model
+
+    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
+    torch.manual_seed(0)
+    save_model(path, create_model("resnet8", num_classes=4), arch="resnet8", num_classes=4, dataset="synthetic")
+    return path
+
+
+def test_deterministic_distill_with_a_memory_bank_runs_and_repeats(tmp_path, teacher_file):
+    """--deterministic raises for any op without a deterministic kernel: a crd run (index ops on the memory
+    bank) must have none, and two runs give the same student."""
+    from safetensors.torch import load_file
+
+    def run(name):
+        api.run(build_config({"command": "distill", "teacher": str(teacher_file), "student": "resnet8", "method": "crd",
+                              "options": {"K": 16}, "data": TINY_DATA, "epochs": 1, "batch_size": 32, "device": "cpu",
+                              "deterministic": True, "out": str(tmp_path / name)}), reporter=_Silent())
+        return load_file(tmp_path / name / "student.safetensors")
+
+    a, b = run("a"), run("b")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from kdcli import __version__
 from kdcli.batch import Batch
-from kdcli.engine import distributed
+from kdcli.engine import backend, distributed
 from kdcli.engine.checkpoint import load_state, rng_state, save_state, set_rng_state
 from kdcli.engine.evaluate import Evaluation, evaluate
 from kdcli.engine.memory import peak_memory_mb, reset_peak_memory
@@ -150,6 +150,7 @@ class Trainer:
         precision: str = "fp32",
         fingerprint: str = "",
         compile: bool = False,
+        deterministic: bool = False,
         resume_command: str = "kd distill",
         world: distributed.World = distributed.World(),
     ):
@@ -167,6 +168,7 @@ class Trainer:
         self.fingerprint = fingerprint  # of config.toml: a resume must continue the same run
         self.resume_command = resume_command
         self.world = world
+        self.deterministic = deterministic
         if precision == "bf16":
             for model in (student, self.teacher):
                 if model is not None:
@@ -193,6 +195,10 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict[str, Any]:
+        with backend.run_backend(self.precision, self.deterministic):
+            return self._fit(resume)
+
+    def _fit(self, resume: bool) -> dict[str, Any]:
         completed, partial = self._restore() if resume else (0, None)
         if self.teacher is not None:
             self.teacher_eval = evaluate(self.teacher_fn, self.val_loader)
