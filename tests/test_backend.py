@@ -100,13 +100,7 @@ def test_deterministic_is_a_config_field_and_cli_flag_recorded_in_config_toml(kd
 
 @pytest.fixture(scope="module")
 def teacher_file(tmp_path_factory):
-    from kdcli.models import create_model
-    from kdcli.weights import save_model
-
-    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
-    torch.manual_seed(0)
-    save_model(path, create_model("resnet8", num_classes=4), arch="resnet8", num_classes=4, dataset="synthetic")
-    return path
+    return _teacher_path(tmp_path_factory.mktemp("teacher"))
 
 
 def test_deterministic_distill_with_a_memory_bank_runs_and_repeats(tmp_path, teacher_file):
@@ -122,3 +116,70 @@ def test_deterministic_distill_with_a_memory_bank_runs_and_repeats(tmp_path, tea
 
     a, b = run("a"), run("b")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- the frozen teacher in bf16 ------------------------------------------------------------------
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_bf16_teacher_copy_matches_autocast_and_keeps_the_classifier_fp32(fold):
+    from kdcli.engine.precision import classifier_in_fp32, frozen_bf16_copy
+    from kdcli.models import create_model
+    from kdcli.models.features import classifier_of, forward_outputs
+    from kdcli.models.fold import fold_batchnorm
+
+    torch.manual_seed(0)
+    teacher = create_model("resnet8", num_classes=4).eval()
+    for m in teacher.modules():  # non-trivial running statistics, as a trained teacher has
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(8, 3, 16, 16)
+    if fold:
+        teacher, folded = fold_batchnorm(teacher, x)
+        assert folded > 0
+    classifier_in_fp32(teacher)
+    copy = frozen_bf16_copy(teacher)
+    assert all(p.dtype == torch.float32 for p in teacher.parameters())  # the original is untouched
+    head = classifier_of(copy)
+    assert head.weight.dtype == torch.float32
+    convs = [m for m in copy.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(m.weight.dtype == torch.bfloat16 for m in convs)
+    assert all(m.weight.dtype == torch.float32 for m in copy.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = forward_outputs(teacher, x), forward_outputs(copy, x)
+    assert got.logits.dtype == torch.float32
+    for a, b in zip([want.logits, want.embedding, *want.features], [got.logits, got.embedding, *got.features]):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        scale = a.float().abs().max()
+        assert torch.allclose(a.float(), b.float(), rtol=0, atol=2**-7 * float(scale) + 1e-6)  # bf16: 8 bits
+
+
+def test_bf16_runs_step_the_bf16_teacher_and_evaluate_the_fp32_one(tmp_path, teacher_file):
+    from kdcli.engine.trainer import Trainer
+
+    captured = {}
+    original = Trainer.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        captured["trainer"] = self
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Trainer, "__init__", spy)
+        api.run(build_config({"command": "distill", "teacher": str(teacher_file), "student": "resnet8", "method": "kd",
+                              "data": TINY_DATA, "epochs": 1, "batch_size": 32, "device": "cpu", "precision": "bf16",
+                              "out": str(tmp_path / "run")}), reporter=_Silent())
+    trainer = captured["trainer"]
+    assert {p.dtype for p in trainer.teacher.parameters()} == {torch.float32}
+    stepped = {p.dtype for p in trainer.teacher_fn.parameters()}
+    assert stepped == {torch.bfloat16, torch.float32}  # bf16 convs, the fp32 classifier
+    assert all(not p.requires_grad for p in trainer.teacher_fn.parameters()) and not trainer.teacher_fn.training
+
+
+def _teacher_path(tmp_path):
+    from kdcli.models import create_model
+    from kdcli.weights import save_model
+
+    path = tmp_path / "teacher.safetensors"
+    torch.manual_seed(0)
+    save_model(path, create_model("resnet8", num_classes=4), arch="resnet8", num_classes=4, dataset="synthetic")
+    return path

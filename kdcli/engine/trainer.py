@@ -32,7 +32,7 @@ from kdcli.engine import backend, distributed
 from kdcli.engine.checkpoint import load_state, rng_state, save_state, set_rng_state
 from kdcli.engine.evaluate import Evaluation, evaluate
 from kdcli.engine.memory import peak_memory_mb, reset_peak_memory
-from kdcli.engine.precision import autocast, classifier_in_fp32
+from kdcli.engine.precision import autocast, classifier_in_fp32, frozen_bf16_copy
 from kdcli.engine.rundir import RunDir
 from kdcli.engine.schedule import multistep_lr
 from kdcli.engine.signals import StopRequest
@@ -169,6 +169,10 @@ class Trainer:
         self.resume_command = resume_command
         self.world = world
         self.deterministic = deterministic
+        if self.teacher is not None:
+            self.teacher.eval()
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
         if precision == "bf16":
             for model in (student, self.teacher):
                 if model is not None:
@@ -178,7 +182,9 @@ class Trainer:
         self.eval_fn = torch.compile(student) if compile else student
         self.student_fn = distributed.wrap(self.eval_fn, world, device)
         self.method_fn = distributed.wrap(method, world, device, heads=True)
-        self.teacher_fn = torch.compile(self.teacher) if compile and self.teacher is not None else self.teacher
+        # The step's teacher: under bf16 a copy with bf16 weights (cast once, not by autocast every step).
+        stepped = frozen_bf16_copy(self.teacher) if precision == "bf16" and self.teacher is not None else self.teacher
+        self.teacher_fn = torch.compile(stepped) if compile and stepped is not None else stepped
         params = list(student.parameters()) + method.trainable_parameters()
         self.optimizer = torch.optim.SGD(
             params, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay,
@@ -188,10 +194,6 @@ class Trainer:
         self.best_epoch = 0
         self.teacher_eval: Evaluation | None = None
         self.stop = StopRequest(self._note_stop)
-        if self.teacher is not None:
-            self.teacher.eval()
-            for p in self.teacher.parameters():
-                p.requires_grad_(False)
 
     # ---- the loop -------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict[str, Any]:
@@ -201,7 +203,7 @@ class Trainer:
     def _fit(self, resume: bool) -> dict[str, Any]:
         completed, partial = self._restore() if resume else (0, None)
         if self.teacher is not None:
-            self.teacher_eval = evaluate(self.teacher_fn, self.val_loader)
+            self.teacher_eval = evaluate(self.teacher, self.val_loader)  # fp32, as kd eval measures it
         metrics: dict[str, Any] = {}
         try:
             with self.stop:  # before the header line: once it is printed, Ctrl-C saves a checkpoint
