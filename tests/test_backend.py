@@ -183,3 +183,63 @@ def _teacher_path(tmp_path):
     torch.manual_seed(0)
     save_model(path, create_model("resnet8", num_classes=4), arch="resnet8", num_classes=4, dataset="synthetic")
     return path
+
+
+# ---- static shapes for --compile -----------------------------------------------------------------
+
+RAGGED = {"data": TINY_DATA, "batch_size": 48, "eval_batch_size": 24}  # 128 train = 48+48+32, 32 val = 24+8
+
+
+def _distill(teacher, out, **extra):
+    return api.run(build_config({"command": "distill", "teacher": str(teacher), "student": "resnet8", "method": "crd",
+                                 "options": {"K": 16}, "epochs": 2, "device": "cpu", "precision": "fp32",
+                                 "out": str(out), **RAGGED, **extra}), reporter=_Silent())
+
+
+def test_compiled_functions_see_one_shape_and_the_ragged_batches_stay_exact(tmp_path, teacher_file, monkeypatch):
+    """With --compile every compiled function gets one batch size; the ragged last batches (train and
+    validation) run uncompiled. Stand-in 'compiled' functions (the module itself, recording shapes) make
+    the run comparable bit for bit with the plain one: same samples, losses, accuracies and weights."""
+    from safetensors.torch import load_file
+    from kdcli.engine import capture
+
+    shapes: dict[str, set] = {}
+
+    class Recording(torch.nn.Module):  # like torch.compile's wrapper: the module is `_orig_mod`
+        def __init__(self, module):
+            super().__init__()
+            self._orig_mod, self.name = module, type(module).__name__
+
+        def forward(self, x, *args, **kwargs):
+            shapes.setdefault(self.name, set()).add(x.shape[0])
+            return self._orig_mod(x, *args, **kwargs)
+
+    plain = _distill(teacher_file, tmp_path / "plain")
+    monkeypatch.setattr(capture, "compiled", lambda module, device: Recording(module))
+    routed = _distill(teacher_file, tmp_path / "routed", compile=True)
+    assert shapes == {"CifarResNet": {48}, "TeacherStep": {48}, "StudentEval": {24}}
+    lines = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+             for run in ("plain", "routed")]
+    for a, b in zip(*lines):
+        assert a["train_samples"] == 128  # the ragged batch is trained on
+        for key in ("train_loss", "train_crd", "train_top1", "val_top1", "val_loss", "val_top5"):
+            assert a[key] == b[key], key
+    assert plain["top1"] == routed["top1"]
+    a, b = (load_file(tmp_path / run / "student.safetensors") for run in ("plain", "routed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_compile_on_cpu_inductor_captures_each_role_once(tmp_path, teacher_file):
+    """Real torch.compile (CPU inductor): teacher step, student step and student eval are one frame and
+    one graph each over two epochs with ragged batches: no recompiles, no graph breaks, no fallback."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    summary = _distill(teacher_file, tmp_path / "run", compile=True)
+    assert summary["epochs"] == 2
+    assert dict(counters["frames"]) == {"total": 3, "ok": 3}
+    assert counters["stats"]["unique_graphs"] == 3
+    assert not counters["graph_break"] and not counters["recompiles"]

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from kdcli import __version__
 from kdcli.batch import Batch
-from kdcli.engine import backend, distributed
+from kdcli.engine import backend, capture, distributed
 from kdcli.engine.checkpoint import load_state, rng_state, save_state, set_rng_state
 from kdcli.engine.evaluate import Evaluation, evaluate
 from kdcli.engine.memory import peak_memory_mb, reset_peak_memory
@@ -179,12 +179,19 @@ class Trainer:
                     classifier_in_fp32(model)
         # Compiled graphs run the forward passes; the plain modules own the weights that are saved.
         # Evaluation uses the unwrapped student: a DDP forward would wait for the other ranks.
-        self.eval_fn = torch.compile(student) if compile else student
-        self.student_fn = distributed.wrap(self.eval_fn, world, device)
+        # `*_eager` run the ragged last batch, so compiled graphs keep one shape (engine.capture).
+        self.student_eager = distributed.wrap(student, world, device)
         self.method_fn = distributed.wrap(method, world, device, heads=True)
         # The step's teacher: under bf16 a copy with bf16 weights (cast once, not by autocast every step).
         stepped = frozen_bf16_copy(self.teacher) if precision == "bf16" and self.teacher is not None else self.teacher
-        self.teacher_fn = torch.compile(stepped) if compile and stepped is not None else stepped
+        self.teacher_eager = stepped
+        self.rows = capture.rows_of(train_loader)
+        if compile:
+            self.student_fn = capture.compiled(self.student_eager, device)
+            self.eval_fn = capture.compiled(capture.StudentEval(student), device)
+            self.teacher_fn = None if stepped is None else capture.compiled(capture.TeacherStep(stepped), device)
+        else:
+            self.student_fn, self.eval_fn, self.teacher_fn = self.student_eager, student, stepped
         params = list(student.parameters()) + method.trainable_parameters()
         self.optimizer = torch.optim.SGD(
             params, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay,
@@ -227,7 +234,7 @@ class Trainer:
         reset_peak_memory(self.device)  # the epoch's own peak: not the teacher's evaluation, not earlier runs
         sums = EpochSums.from_state(partial["sums"], self.device) if partial else EpochSums()
         train = self._train_epoch(epoch, sums)
-        val = evaluate(self.eval_fn, self.val_loader)
+        val = evaluate(self.eval_fn, self.val_loader, ragged=self.student)
         if val.top1 > self.best_top1:
             self.best_top1, self.best_epoch = val.top1, epoch
             if self.world.is_main:
@@ -318,13 +325,16 @@ class Trainer:
 
     def _step(self, batch: Batch) -> tuple[dict[str, Tensor], Tensor]:
         needs = self.method.needs
+        full = self.rows is None or batch.y.numel() == self.rows
+        capture.step_begins(self.device, full and self.student_fn is not self.student_eager)
+        teacher_fn, student_fn = (self.teacher_fn, self.student_fn) if full else (self.teacher_eager, self.student_eager)
         with autocast(self.device, self.precision):
             t_out = None
             if self.teacher is not None:
                 with torch.inference_mode():
-                    t_out = run_network(self.teacher_fn, batch, needs)
+                    t_out = run_network(teacher_fn, batch, needs)
                 t_out = _as_normal_tensors(t_out)
-            s_out = run_network(self.student_fn, batch, needs)
+            s_out = run_network(student_fn, batch, needs)
             terms = self.method_fn(s_out, t_out, batch)
         loss = sum(terms.values())
         self.optimizer.zero_grad(set_to_none=True)
