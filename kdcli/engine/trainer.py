@@ -6,6 +6,10 @@ one optimizer over the student and the method's own trainable parameters. Evalua
 checkpoints and progress happen once per epoch. Losses are accumulated on the device and read back
 only every `log_every` steps, so the step itself never waits for the host.
 
+Backend switches (TF32, cudnn.benchmark, --deterministic) hold for the duration of `fit`
+(engine.backend). With --compile, compiled graphs see one batch shape; the ragged last batch runs
+the uncompiled modules (engine.capture). Under bf16 the step's teacher is a bf16 copy of it.
+
 Under torchrun the student (and the method's trainable heads) run in DistributedDataParallel,
 each rank trains on its share of every global batch, training sums are all-reduced, evaluation runs
 on every rank's identical model, and only rank 0 writes files.
