@@ -348,7 +348,8 @@ def evaluate_checkpoint(
     normalised as the network was trained (the mean/std kd records in its weights, the pretrained
     config of a timm/tv model), else with the dataset's; the teacher sees the same inputs.
     Returns top1/top5/ece in percent, nll per sample, agreement in percent, params, macs (one
-    image), latency_ms (batch 1) and throughput (images/s at `throughput_batch`) on `device`.
+    image), latency_ms (batch 1) and throughput (images/s at `throughput_batch`) on `device` as medians
+    with their interquartile range (`*_iqr`) and number of timed runs (`*_runs`), and the thread count.
     """
     dev = resolve_device(device)
     if not data and checkpoint.endswith(".safetensors") and Path(checkpoint).expanduser().is_file():
@@ -382,10 +383,18 @@ def evaluate_checkpoint(
         )
     cost = profile(model, (3, *bundle.input_size), timing=timing)
     summary.update(
-        params=cost.params, macs=cost.macs, input_size=[3, *bundle.input_size], latency_ms=cost.latency_ms,
-        throughput=cost.throughput, throughput_batch=cost.throughput_batch, device=cost.device,
+        params=cost.params, macs=cost.macs, input_size=[3, *bundle.input_size], device=cost.device,
+        threads=cost.threads, precision="fp32", **_timing_fields("latency_ms", cost.latency_ms),
+        **_timing_fields("throughput", cost.throughput), throughput_batch=cost.throughput_batch,
     )
     return summary
+
+
+def _timing_fields(name: str, spread) -> dict[str, Any]:
+    """`name` (the median), `name`_iqr ([q1, q3]) and `name`_runs of a timing, or Nones without one."""
+    if spread is None:
+        return {name: None, f"{name}_iqr": None, f"{name}_runs": None}
+    return {name: spread.median, f"{name}_iqr": [spread.q1, spread.q3], f"{name}_runs": spread.runs}
 
 
 def compare(run_dirs: list[str] | None = None, plan=None, out: str | None = None, reporter=None) -> dict[str, Any]:

@@ -6,24 +6,43 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from operator import itemgetter
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 
 from kdcli import __version__
 from kdcli.config import build_config, list_presets, load_preset, parse_set_options
 from kdcli.errors import KdError, unknown
-from kdcli.report import fmt, print_fields, print_json, print_rows, print_summary, stderr
+from kdcli.report import fmt, print_fields, print_json, print_rows, plural, print_summary, si, stderr
 
 app = typer.Typer(
     name="kd",
     help="Knowledge distillation for PyTorch: distill a teacher network into a smaller student.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
 _state = {"debug": False}
+
+
+def _flags_show_no_type() -> None:
+    """Typer's rich help prints a `<bool>` type beside every on/off flag, as if it took a value: drop it."""
+    from typer.core import TyperOption
+
+    shown = getattr(TyperOption, "display_type_rich", None)  # absent in older Typer, which shows none
+    if shown is None or getattr(shown, "flags_untyped", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag else shown(self, ctx)
+
+    display_type_rich.flags_untyped = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_flags_show_no_type()
 
 # Options shared by `kd train` and `kd distill` (one definition each).
 Data = Annotated[Optional[str], typer.Option("--data", help="cifar10, cifar100, imagefolder:PATH, digits, synthetic[:k=v,...]")]
@@ -154,7 +173,7 @@ def eval_(
     teacher: Annotated[Optional[str], typer.Option("--teacher", "-t", help="Also report agreement with this network (resolved as in kd distill).")] = None,
     teacher_arch: Annotated[Optional[str], typer.Option("--teacher-arch", help="Architecture of a .pth teacher outside an <arch>_vanilla folder.")] = None,
     pretrained: Annotated[bool, typer.Option("--pretrained", help="timm:NAME / tv:NAME use their published weights (downloaded once, then cached).")] = False,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 256,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Evaluation batch size.")] = 256,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N (also where latency and throughput are timed).")] = "auto",
     workers: Workers = None,
     timing: Annotated[bool, typer.Option("--timing/--no-timing", help="Time latency (batch 1) and throughput (batch 256).")] = True,
@@ -181,46 +200,82 @@ def eval_(
         ("NLL", fmt(result["nll"], 4)), ("ECE (%, 15 bins)", result["ece"]),
         ("teacher", result.get("teacher")), ("teacher top-1 (%)", result.get("teacher_top1")),
         ("agreement with teacher (%)", result.get("agreement")),
-        ("params", f"{result['params']:,}"), ("MACs (1 image)", _si(result["macs"])),
+        ("params", f"{result['params']:,}"), ("MACs (1 image)", si(result["macs"])),
         ("input", "x".join(map(str, result["input_size"]))),
-        ("latency, batch 1 (ms)", result["latency_ms"]),
-        (f"throughput, batch {result['throughput_batch']} (img/s)", fmt(result["throughput"], 0) if result["throughput"] else None),
-        ("device", result["device"]),
+        ("latency, batch 1 (ms)", _spread(result, "latency_ms", 2)),
+        (f"throughput, batch {result['throughput_batch']} (img/s)", _spread(result, "throughput", 0)),
+        ("device", f"{result['device']}, {plural(result['threads'], 'thread')}, {result['precision']}"),
     ]
     print_fields(f"kd eval {checkpoint}", rows)
 
 
-def _si(count: int) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if count >= scale:
-            return f"{count / scale:.2f} {unit}"
-    return str(count)
+ListJson = Annotated[bool, typer.Option("--json", help="Print the list as one JSON array on stdout (for scripts).")]
+LISTINGS = ("models", "methods", "datasets", "presets", "teachers")
+Column = tuple[str, Callable[[dict[str, Any]], Any]]  # header, cell of a row
 
 
 @app.command("list")
-def list_(what: Annotated[str, typer.Argument(help="models, methods, datasets, presets or teachers.")] = "methods") -> None:
+def list_(
+    what: Annotated[str, typer.Argument(help="models, methods, datasets, presets or teachers.")] = "methods",
+    json_out: ListJson = False,
+) -> None:
     """List what kd knows: models, methods, datasets, presets, teachers."""
-    from kdcli.data import list_datasets
-    from kdcli.methods import list_methods
-    from kdcli.models import list_models
+    if what not in LISTINGS:
+        raise unknown("list", what, LISTINGS)
+    title, columns, rows, empty = _listing(what)
+    if json_out:
+        print_json(rows)
+    elif not rows and empty:
+        stderr.print(f"{title}: empty. {empty}", markup=False, soft_wrap=True)
+    else:
+        print_rows(title, [header for header, _ in columns], [[cell(row) for _, cell in columns] for row in rows])
+
+
+def _spread(result: dict[str, Any], name: str, digits: int) -> str | None:
+    """'1.23 (IQR 1.10-1.41, 50 runs)': a timing's median with its spread, or None when not timed."""
+    if result[name] is None:
+        return None
+    q1, q3 = result[f"{name}_iqr"]
+    return f"{fmt(result[name], digits)} (IQR {fmt(q1, digits)}-{fmt(q3, digits)}, {result[f'{name}_runs']} runs)"
+
+
+def _listing(what: str) -> tuple[str, list[Column], list[dict[str, Any]], str | None]:
+    """(title, table columns, rows as plain data for --json, what to say when there are none) of `kd list WHAT`."""
+    if what == "models":
+        from kdcli.models import create_model, list_models
+        from kdcli.profiling import count_macs, count_params
+
+        rows = []
+        for name in list_models():
+            model = create_model(name, num_classes=100)
+            rows.append({"name": name, "params": count_params(model), "macs_32x32": count_macs(model, (3, 32, 32))})
+        columns = [("name", itemgetter("name")), ("params (100 classes)", lambda r: si(r["params"])),
+                   ("MACs (32x32)", lambda r: si(r["macs_32x32"]))]
+        return "models (also timm:NAME and tv:NAME)", columns, rows, None
+    if what == "methods":
+        from kdcli.methods import list_methods
+
+        rows = [{"name": name, "method": cls.title, "paper": cls.paper, "defaults": dict(cls.defaults)}
+                for name, cls in list_methods().items()]
+        columns = [("name", itemgetter("name")), ("method", itemgetter("method")), ("paper", itemgetter("paper")),
+                   ("defaults (--set KEY=VALUE)", lambda r: ", ".join(f"{k}={v}" for k, v in r["defaults"].items()))]
+        return "methods", columns, rows, None
+    if what in ("datasets", "presets"):
+        from kdcli.data import list_datasets
+
+        described = list_datasets() if what == "datasets" else list_presets()
+        rows = [{"name": name, "description": text} for name, text in described.items()]
+        flag = "--data" if what == "datasets" else "--preset"
+        return f"{what} ({flag})", _plain_columns(["name", "description"]), rows, None
     from kdcli.store import list_teachers
 
-    if what == "models":
-        print_rows("models (also timm:NAME and tv:NAME)", ["name"], [[m] for m in list_models()])
-    elif what == "methods":
-        rows = [
-            [name, cls.title, cls.paper, ", ".join(f"{k}={v}" for k, v in cls.defaults.items())]
-            for name, cls in list_methods().items()
-        ]
-        print_rows("methods", ["name", "method", "paper", "defaults (--set KEY=VALUE)"], rows)
-    elif what == "datasets":
-        print_rows("datasets (--data)", ["name", "description"], [list(r) for r in list_datasets().items()])
-    elif what == "presets":
-        print_rows("presets (--preset)", ["name", "description"], [list(r) for r in list_presets().items()])
-    elif what == "teachers":
-        print_rows("teacher store", ["data", "model", "path"], [[d, a, str(p)] for d, a, p in list_teachers()])
-    else:
-        raise unknown("list", what, ["models", "methods", "datasets", "presets", "teachers"])
+    rows = [{"data": data, "model": arch, "path": str(path)} for data, arch, path in list_teachers()]
+    empty = "Fill it with `kd train MODEL --data DATA`: every model kd trains is stored as a teacher."
+    return "teacher store", _plain_columns(["data", "model", "path"]), rows, empty
+
+
+def _plain_columns(keys: list[str]) -> list[Column]:
+    return [(key, itemgetter(key)) for key in keys]
 
 
 @app.command()

@@ -8,7 +8,9 @@ published MAC/FLOP counts (fvcore, ptflops, the papers' tables).
 Timings run the model in eval mode under `torch.inference_mode` on its current device, after
 warm-up forwards; on CUDA every timed forward is bracketed by `torch.cuda.synchronize`. Each
 measurement stops after `repeats` forwards or once `budget_s` seconds are spent (at least one
-timed forward), so a large model on a CPU does not take minutes; the median is reported.
+timed forward), so a large model on a CPU does not take minutes. A single figure swings widely on a
+busy machine, so each timing is reported as its median with the interquartile range and the number of
+timed runs, beside the device's thread count and the precision (fp32).
 """
 
 from __future__ import annotations
@@ -27,14 +29,36 @@ THROUGHPUT_REPEATS = 10
 WARMUP = 5
 
 
+@dataclass(frozen=True)
+class Spread:
+    """A quantity timed over repeated runs: median and interquartile range (q1, q3)."""
+
+    median: float
+    q1: float
+    q3: float
+    runs: int
+
+    @classmethod
+    def of(cls, values: list[float]) -> Spread:
+        if len(values) < 2:
+            return cls(values[0], values[0], values[0], len(values))
+        q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+        return cls(statistics.median(values), q1, q3, len(values))
+
+    def inverse(self, numerator: float) -> Spread:
+        """numerator / x of every run (seconds -> rate): the quartiles swap places."""
+        return Spread(numerator / self.median, numerator / self.q3, numerator / self.q1, self.runs)
+
+
 @dataclass
 class Profile:
     params: int
     macs: int  # multiply-accumulates of one forward of one image
-    latency_ms: float | None  # median time of one batch-1 forward
-    throughput: float | None  # images per second at batch `throughput_batch`
+    latency_ms: Spread | None  # one batch-1 forward
+    throughput: Spread | None  # images per second at batch `throughput_batch`
     throughput_batch: int | None
     device: str
+    threads: int  # torch's intra-op threads the timings ran with
 
 
 def count_params(model: nn.Module) -> int:
@@ -51,20 +75,21 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
 
 def latency_ms(
     model: nn.Module, input_shape: tuple[int, ...], repeats: int = LATENCY_REPEATS, warmup: int = WARMUP, budget_s: float = 5.0
-) -> float:
-    """Median milliseconds of a batch-1 forward."""
-    return 1000.0 * _median_time(model, _input(model, 1, input_shape), repeats, warmup, budget_s)
+) -> Spread:
+    """Milliseconds of a batch-1 forward."""
+    seconds = _times(model, _input(model, 1, input_shape), repeats, warmup, budget_s)
+    return Spread.of([1000.0 * t for t in seconds])
 
 
 def throughput(
     model: nn.Module, input_shape: tuple[int, ...], batch: int = THROUGHPUT_BATCH, repeats: int = THROUGHPUT_REPEATS,
     warmup: int = 1, budget_s: float = 10.0,
-) -> tuple[float, int]:
+) -> tuple[Spread, int]:
     """(images per second, batch size used) at `batch`; on CUDA out of memory the batch is halved."""
     while True:
         try:
-            seconds = _median_time(model, _input(model, batch, input_shape), repeats, warmup, budget_s)
-            return batch / seconds, batch
+            seconds = _times(model, _input(model, batch, input_shape), repeats, warmup, budget_s)
+            return Spread.of(seconds).inverse(batch), batch
         except torch.cuda.OutOfMemoryError:
             if batch == 1:
                 raise
@@ -82,10 +107,11 @@ def profile(model: nn.Module, input_shape: tuple[int, ...], timing: bool = True)
         throughput=rate,
         throughput_batch=batch,
         device=str(_device(model)),
+        threads=torch.get_num_threads(),
     )
 
 
-def _median_time(model: nn.Module, x: torch.Tensor, repeats: int, warmup: int, budget_s: float) -> float:
+def _times(model: nn.Module, x: torch.Tensor, repeats: int, warmup: int, budget_s: float) -> list[float]:
     times: list[float] = []
     with _evaluating(model), torch.inference_mode():
         for _ in range(warmup):
@@ -98,7 +124,7 @@ def _median_time(model: nn.Module, x: torch.Tensor, repeats: int, warmup: int, b
             _sync(x.device)
             times.append(time.perf_counter() - started)
             spent += times[-1]
-    return statistics.median(times)
+    return times
 
 
 def _sync(device: torch.device) -> None:

@@ -4,19 +4,40 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-stderr = Console(stderr=True, highlight=False)
-stdout = Console(highlight=False)
+# A pipe or a log file has no width: lines there are never wrapped, tables are as wide as their content.
+LOG_WIDTH = 10_000
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A console that wraps to the terminal when it is one, and never wraps in a pipe or a file."""
+    console = Console(stderr=stderr, highlight=False)
+    if not console.is_terminal:
+        console.width = LOG_WIDTH
+    return console
+
+
+stderr = make_console(stderr=True)
+stdout = make_console()
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 class ConsoleReporter:
-    """Per-step progress bar in a terminal, plus one line per epoch (the only output in a log file)."""
+    """A live progress bar in a terminal, plus one line per epoch (the only output in a log file).
+
+    The bar advances every step (the step number and image count are host values: no device sync);
+    the loss shown is the mean of the last log interval, refreshed when the trainer reads it.
+    """
 
     def __init__(self, title: str, console: Console = stderr):
         self.title = escape(title)  # "[kd]" in "resnet56 -> resnet20 [kd]" is text, not Rich markup
@@ -24,30 +45,54 @@ class ConsoleReporter:
         self.progress: Progress | None = None
         self.task = None
         self.epochs = 0
+        self.epoch_started = 0.0
+        self.images = 0
 
     def start(self, epochs: int, steps: int, first_epoch: int) -> None:
         self.epochs = epochs
         if first_epoch > epochs:
-            self.console.print(f"[bold]{self.title}[/]: all {epochs} epochs already done")
+            self.console.print(f"[bold]{self.title}[/]: all {plural(epochs, 'epoch')} already done", soft_wrap=True)
             return
         resumed = f", resumed at epoch {first_epoch}" if first_epoch > 1 else ""
-        self.console.print(f"[bold]{self.title}[/]: {epochs} epochs x {steps} steps{resumed}")
+        self.console.print(
+            f"[bold]{self.title}[/]: {plural(epochs, 'epoch')} x {plural(steps, 'step')}{resumed}", soft_wrap=True
+        )
         if self.console.is_terminal:
             self.progress = Progress(
                 TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}"),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TextColumn("loss {task.fields[loss]}"),
+                TextColumn("{task.fields[rate]} img/s"),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
                 TimeRemainingColumn(),
                 console=self.console,
                 transient=True,
             )
             self.progress.start()
-            self.task = self.progress.add_task("train", total=steps, epoch=first_epoch, epochs=epochs, loss="-")
+            self.task = self.progress.add_task("train", total=steps, **self._fields(first_epoch))
+        self._new_epoch()
 
-    def step(self, epoch: int, step: int, loss: float) -> None:
-        if self.progress is not None:
-            self.progress.update(self.task, completed=step, epoch=epoch, loss=f"{loss:.4f}")
+    def _fields(self, epoch: int, loss: str = "-", rate: str = "-") -> dict[str, Any]:
+        # Progress.reset/update replace or merge these: always pass all of them.
+        return {"epoch": epoch, "epochs": self.epochs, "loss": loss, "rate": rate}
+
+    def _new_epoch(self) -> None:
+        self.epoch_started = time.perf_counter()
+        self.images = 0
+
+    def step(self, epoch: int, step: int, images: int, loss: float | None = None) -> None:
+        """Step `step` of `epoch` is done, `images` more were seen; `loss` is given at log steps only."""
+        self.images += images
+        if self.progress is None:
+            return
+        elapsed = time.perf_counter() - self.epoch_started
+        fields: dict[str, Any] = {"epoch": epoch, "rate": f"{self.images / elapsed:.0f}" if elapsed > 0 else "-"}
+        if loss is not None:
+            fields["loss"] = f"{loss:.4f}"
+        # Redraw at once when the loss changes; between log steps the bar's own 10 Hz refresh shows the step.
+        self.progress.update(self.task, completed=step, refresh=loss is not None, **fields)
 
     def epoch_end(self, m: dict[str, Any]) -> None:
         agreement = f"  agree {m['agreement']:.1f}" if "agreement" in m else ""
@@ -58,7 +103,8 @@ class ConsoleReporter:
             soft_wrap=True,
         )
         if self.progress is not None:
-            self.progress.reset(self.task, completed=0, epoch=min(m["epoch"] + 1, self.epochs))
+            self.progress.reset(self.task, completed=0, **self._fields(min(m["epoch"] + 1, self.epochs)))
+        self._new_epoch()
 
     def note(self, text: str) -> None:
         self.console.print(text, markup=False, soft_wrap=True)
@@ -73,7 +119,7 @@ class SilentReporter:
     """No output: other ranks of a data-parallel run, and library callers that want none."""
 
     def start(self, epochs: int, steps: int, first_epoch: int) -> None: ...
-    def step(self, epoch: int, step: int, loss: float) -> None: ...
+    def step(self, epoch: int, step: int, images: int, loss: float | None = None) -> None: ...
     def epoch_end(self, metrics: dict[str, Any]) -> None: ...
     def note(self, text: str) -> None: ...
     def finish(self) -> None: ...
@@ -85,6 +131,25 @@ def fmt(value: Any, digits: int = 2) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return str(value)
+
+
+def si(count: int) -> str:
+    """1.23 M: a count with an SI prefix."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.2f} {unit}"
+    return str(count)
+
+
+def duration(seconds: float) -> str:
+    """12.3s, 4m 05s, 2h 03m: a wall time a person reads at a glance."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m {secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m"
 
 
 def print_fields(title: str, rows: list[tuple[str, Any]], console: Console = stdout) -> None:
@@ -112,22 +177,23 @@ def print_summary(summary: dict[str, Any], console: Console = stdout) -> None:
         ("teacher agreement (%)", summary.get("agreement")),
         ("student params", f"{summary['student_params']:,}"),
         ("method params", f"{summary['method_params']:,}"),
-        ("time / epoch (s)", summary.get("time_per_epoch_s")),
-        ("train images/s", fmt(summary.get("images_per_s"), 0)),
+        ("wall time", duration(summary["time_s"]) if summary.get("time_s") is not None else None),
+        ("time / epoch, median (s)", summary.get("time_per_epoch_s")),
+        ("train images/s, median", fmt(summary.get("images_per_s"), 0)),
         ("weights", summary.get("weights")),
     ]
     print_fields(f"kd {summary['command']}: {summary['run_dir']}", rows, console)
 
 
-def print_json(payload: dict[str, Any]) -> None:
-    """Exactly one JSON object on stdout (for scripts)."""
+def print_json(payload: Any) -> None:
+    """Exactly one JSON value on stdout (for scripts)."""
     print(json.dumps(payload, indent=2, default=str))
 
 
 def print_rows(title: str, columns: list[str], rows: list[list[Any]], console: Console = stdout) -> None:
     table = Table(title=title, title_justify="left")
-    for column in columns:
-        table.add_column(column)
+    for i, column in enumerate(columns):
+        table.add_column(column, no_wrap=i == 0)  # names are never squeezed; other cells may wrap
     for row in rows:
         table.add_row(*(fmt(v) for v in row))
     console.print(table)

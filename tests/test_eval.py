@@ -14,7 +14,7 @@ from kdcli.batch import Batch
 from kdcli.data import build_data
 from kdcli.engine.evaluate import evaluate, expected_calibration_error
 from kdcli.models import create_model
-from kdcli.profiling import count_macs, latency_ms, throughput
+from kdcli.profiling import Spread, count_macs, latency_ms, throughput
 from tests.conftest import TINY_DATA, assert_clean_error, write_malicious_pth
 
 # fp32: the default "auto" may train in bf16 on the CPU; eval runs in fp32.
@@ -55,6 +55,9 @@ def test_eval_repdistiller_pth(kd, tmp_path):
     assert got["params"] == sum(p.numel() for p in model.parameters())
     assert got["macs"] == count_macs(model, (3, 16, 16)) > 0 and got["input_size"] == [3, 16, 16]
     assert got["latency_ms"] > 0 and got["throughput"] > 0 and got["throughput_batch"] == 256
+    q1, q3 = got["latency_ms_iqr"]
+    assert q1 <= got["latency_ms"] <= q3 and got["latency_ms_runs"] >= 1
+    assert got["threads"] == torch.get_num_threads() and got["precision"] == "fp32"
     assert got["device"] == "cpu"
     # Outside an <arch>_vanilla folder the architecture must be named.
     loose = tmp_path / "loose.pth"
@@ -130,12 +133,21 @@ def test_macs_of_a_small_network_by_hand():
     assert net.training  # the mode is restored
 
 
-def test_timing_reports_positive_numbers():
+def test_timing_reports_a_spread_of_positive_numbers():
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2))
     net(torch.zeros(1, 3, 8, 8))
-    assert latency_ms(net, (3, 8, 8), repeats=3, warmup=1) > 0
+    latency = latency_ms(net, (3, 8, 8), repeats=3, warmup=1)
+    assert 0 < latency.q1 <= latency.median <= latency.q3 and latency.runs >= 1
     rate, batch = throughput(net, (3, 8, 8), batch=16, repeats=2)
-    assert rate > 0 and batch == 16
+    assert 0 < rate.q1 <= rate.median <= rate.q3 and batch == 16
+
+
+def test_spread_is_median_and_interquartile_range():
+    spread = Spread.of([4.0, 1.0, 3.0, 2.0, 100.0])  # one outlier: the median and IQR ignore it
+    assert (spread.median, spread.q1, spread.q3, spread.runs) == (3.0, 2.0, 4.0, 5)
+    rate = spread.inverse(8.0)  # seconds -> images/s at batch 8: the slow quartile becomes the low rate
+    assert (rate.median, rate.q1, rate.q3) == (8.0 / 3.0, 2.0, 4.0)
+    assert Spread.of([0.5]) == Spread(0.5, 0.5, 0.5, 1)
 
 
 def test_malicious_pickle_is_refused_without_running(kd, tmp_path):

@@ -255,7 +255,7 @@ def test_a_second_sigint_stops_at_once_and_the_checkpoint_stays_loadable(tmp_pat
 class _SecondSignalInsideAStep(_Silent):
     """Sends SIGINT twice while epoch 2 runs: the second arrives before the step the first lets finish ends."""
 
-    def step(self, epoch, step, loss):
+    def step(self, epoch, step, images, loss=None):
         if epoch == 2:
             os.kill(os.getpid(), signal.SIGINT)
             os.kill(os.getpid(), signal.SIGINT)

@@ -47,7 +47,7 @@ from kdcli.models.features import Outputs, forward_outputs
 
 class Reporter(Protocol):
     def start(self, epochs: int, steps: int, first_epoch: int) -> None: ...
-    def step(self, epoch: int, step: int, loss: float) -> None: ...
+    def step(self, epoch: int, step: int, images: int, loss: float | None = None) -> None: ...
     def epoch_end(self, metrics: dict[str, Any]) -> None: ...
     def finish(self) -> None: ...
 
@@ -271,19 +271,23 @@ class Trainer:
         self.train_loader.set_epoch(epoch, start=sums.steps)
         total = sums.steps + len(self.train_loader)
         window: dict[str, Tensor] = {}
+        window_steps = 0
         started = time.perf_counter()
         for step, batch in enumerate(self.train_loader, start=sums.steps + 1):
             terms, logits = self._step(batch)
             sums.add(terms, (logits.detach().argmax(dim=1) == batch.y).sum(), batch.y.numel())
             for name, value in terms.items():
                 window[name] = window[name] + value.detach().float() if name in window else value.detach().float()
+            window_steps += 1
             logging = step % self.schedule.log_every == 0 or step == total
+            loss = None
             if logging:
                 host = {name: value.item() / self.world.size for name, value in self._reduced(window).items()}
                 if not all(math.isfinite(v) for v in host.values()):
                     self._diverged(epoch, step, host)
-                self.reporter.step(epoch, step, sum(host.values()) / (step % self.schedule.log_every or self.schedule.log_every))
-                window = {}
+                loss = sum(host.values()) / window_steps
+                window, window_steps = {}, 0
+            self.reporter.step(epoch, step, batch.y.numel() * self.world.size, loss)
             # One process stops at any step; ranks agree on stopping at a log step, where they sync anyway.
             stop = self.stop.requested if not self.world.enabled else logging and distributed.any_rank(self.stop.requested, self.device)
             if stop and step < total:
