@@ -243,3 +243,15 @@ def test_compile_on_cpu_inductor_captures_each_role_once(tmp_path, teacher_file)
     assert dict(counters["frames"]) == {"total": 3, "ok": 3}
     assert counters["stats"]["unique_graphs"] == 3
     assert not counters["graph_break"] and not counters["recompiles"]
+
+
+def test_deterministic_pooling_avoids_the_kernel_cuda_cannot_run_deterministically():
+    from kdcli.engine.backend import run_backend
+    from kdcli.models.cifar._common import pool_flat
+
+    x = torch.randn(3, 5, 4, 4, requires_grad=True)
+    plain = pool_flat(x)
+    with run_backend("fp32", deterministic=True):
+        pooled = pool_flat(x)
+        assert pooled.grad_fn.name() == "MeanBackward1"  # not AdaptiveAvgPool2DBackward (raises on CUDA)
+    assert torch.allclose(plain, pooled, rtol=0, atol=1e-6)
