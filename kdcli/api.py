@@ -23,14 +23,17 @@ from kdcli.engine.trainer import Schedule, Trainer, config_fingerprint
 from kdcli.errors import KdError
 from kdcli.methods import Method, Shapes, method_class
 from kdcli.methods.base import resolve_hparams
-from kdcli.models import create_model, default_lr, list_models
+from kdcli.models import create_model, default_lr
 from kdcli.models.registry import pretrained_input
 from kdcli.models.features import classifier_of, forward_outputs
 from kdcli.models.fold import fold_batchnorm
 from kdcli.report import ConsoleReporter, SilentReporter
-from kdcli.store import find_teacher, register_teacher
 from kdcli.profiling import count_params, profile
-from kdcli.weights import input_metadata, is_weights_path, load_model_file, read_input, read_metadata, save_model
+from kdcli.teachers import (
+    check_free, find_teacher, input_metadata, is_external, load_network, read_input, read_metadata, register_teacher,
+    save_model,
+    teacher_digest, teacher_file, teacher_source,
+)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -53,10 +56,14 @@ def run(config: RunConfig, overwrite: bool = False, resume: bool = False, report
     cls = method_class(config.method)
     resolve_hparams(cls, config.options)  # reject bad --set values before any slow work
     check_architecture_name(config.student)
+    if config.command == "train" and not resume:
+        check_free(config.student, config.data, overwrite)  # before hours of training, not after
     bundle = build_data(config.data, data_dir=config.data_dir, download=config.download)
     if config.pretrained:
         bundle = with_pretrained_input(bundle, config.student, config.teacher if config.command == "distill" else None)
     teacher = load_teacher(config, bundle.num_classes) if config.command == "distill" and cls.needs.teacher else None
+    if teacher is not None:
+        config = with_teacher_record(config, resume)
     student, teacher, method, train_loader, val_loader = build_training(config, cls, bundle, teacher, device, world)
 
     run_dir = RunDir(config.out or distributed.broadcast_object(str(default_out(config))))
@@ -74,6 +81,9 @@ def run(config: RunConfig, overwrite: bool = False, resume: bool = False, report
         "dataset": config.data,
         "method": config.method if config.command == "distill" else "train",
         "teacher": config.teacher,
+        "teacher_sha256": config.teacher_sha256,
+        "teacher_source": config.teacher_source,
+        "source": f"kd train, run {run_dir.path}" if config.command == "train" else None,
         **input_metadata(bundle.mean, bundle.std, bundle.input_size[0] if isinstance(bundle.val, FolderSplit) else None),
     }
 
@@ -107,6 +117,8 @@ def run(config: RunConfig, overwrite: bool = False, resume: bool = False, report
         "command": config.command,
         "run_dir": str(run_dir.path),
         "teacher": config.teacher if teacher is not None else None,
+        "teacher_sha256": config.teacher_sha256 if teacher is not None else None,
+        "teacher_source": config.teacher_source if teacher is not None else None,
         "student": config.student,
         "method": config.method,
         "data": config.data,
@@ -133,8 +145,29 @@ def run(config: RunConfig, overwrite: bool = False, resume: bool = False, report
     }
     run_dir.write_summary(summary)
     if config.command == "train":
-        summary["registered_as"] = str(register_teacher(run_dir.path / weights_name, config.student, config.data))
+        summary["registered_as"] = _register_trained(run_dir.path / weights_name, config, overwrite)
     return summary
+
+
+def _register_trained(weights: Path, config: RunConfig, overwrite: bool) -> str | None:
+    """The trained network into the teacher store. The start of the run checked that the place was
+    free (or --overwrite); a resumed run whose teacher was stored meanwhile keeps the stored one."""
+    if find_teacher(config.student, config.data) is not None and not overwrite:
+        return None
+    return str(register_teacher(weights, config.student, config.data, overwrite=True))
+
+
+def with_teacher_record(config: RunConfig, resume: bool) -> RunConfig:
+    """`config` with the sha256 and source of its teacher's weights; a resumed run must find the
+    teacher it started with."""
+    digest = teacher_digest(config.teacher, config.data)
+    if resume and config.teacher_sha256 and digest != config.teacher_sha256:
+        raise KdError(
+            f"the teacher {config.teacher} changed since this run started (sha256 {config.teacher_sha256[:12]}..., now "
+            f"{(digest or 'none')[:12]}...)",
+            "restore the original teacher, or start a new run in another --out",
+        )
+    return replace(config, teacher_sha256=digest, teacher_source=teacher_source(config.teacher, config.data, config.pretrained))
 
 
 def resume(run_path: str | Path, reporter=None) -> dict[str, Any]:
@@ -204,7 +237,9 @@ def load_teacher(config: RunConfig, num_classes: int) -> nn.Module:
     """`--teacher`: a weights file, a name in the teacher store, or a pretrained timm:/tv: model (see load_network)."""
     if not config.teacher:
         raise KdError("kd distill needs --teacher", "pass a trained model name (see `kd list teachers`) or a checkpoint path")
-    model, _ = load_network(config.teacher, config.data, num_classes, arch=config.teacher_arch, pretrained=config.pretrained)
+    model, _ = load_network(
+        config.teacher, config.data, num_classes, arch=config.teacher_arch, pretrained=config.pretrained, download=config.download
+    )
     return model
 
 
@@ -220,64 +255,12 @@ def check_architecture_name(name: str) -> None:
 
 def check_out_apart_from_teacher(run_dir: RunDir, config: RunConfig) -> None:
     """Refuse an --out folder that holds the teacher's weights: the run would mix with or overwrite them."""
-    path = Path(config.teacher).expanduser() if is_weights_path(config.teacher) else find_teacher(config.teacher, config.data)
+    path = teacher_file(config.teacher, config.data)
     if path is not None and path.resolve().is_relative_to(run_dir.path.resolve()):
         raise KdError(
             f"--out {run_dir.path} holds the teacher's weights {path}",
             "write the run to another folder with --out (the teacher's file would be mixed with or overwritten by the run)",
         )
-
-
-def load_network(
-    spec: str, data: str, num_classes: int, arch: str | None = None, pretrained: bool = False
-) -> tuple[nn.Module, dict[str, str]]:
-    """A trained network and its metadata, for `--teacher` and `kd eval`.
-
-    `spec` is a weights file (kd safetensors; RepDistiller/mdistiller .pth, architecture from `arch`
-    or its `<arch>_vanilla/` folder), else a name looked up in the teacher store for `data`, else,
-    with `pretrained`, a `timm:NAME` / `tv:NAME` model with its published weights (which must
-    predict the data's `num_classes` classes).
-    """
-    if is_weights_path(spec):
-        path = Path(spec).expanduser()
-        if path.is_dir():
-            inside = [p for p in (path / "student.safetensors", path / "model.safetensors") if p.is_file()]
-            raise KdError(
-                f"{spec} is a folder, not a weights file",
-                f"pass {inside[0]}" if inside else "pass the .safetensors or .pth file inside it",
-            )
-        return load_model_file(path, arch=arch, num_classes=num_classes)
-    stored = find_teacher(spec, data)
-    if stored is not None:
-        return load_model_file(stored, num_classes=num_classes)
-    external = is_external(spec)
-    if pretrained and external:
-        return _pretrained_network(spec, num_classes)
-    if spec not in list_models():
-        create_model(spec, num_classes=num_classes)  # raises the did-you-mean error for unknown names
-    hint = f"train one with `kd train {spec} --data {data}`, or pass a checkpoint path"
-    if external:
-        hint += ", or --pretrained for its published weights"
-    raise KdError(f"no trained {spec} for {data} in the teacher store", hint)
-
-
-def _pretrained_network(spec: str, num_classes: int) -> tuple[nn.Module, dict[str, str]]:
-    expected = pretrained_input(spec)
-    if expected is not None and expected.num_classes != num_classes:
-        raise KdError(
-            f"the pretrained {spec} predicts {expected.num_classes} classes but the data has {num_classes}",
-            f"fine-tune it first (`kd train {spec} --pretrained --data DATA`); it is then found in the teacher store",
-        )
-    model = create_model(spec, num_classes=num_classes, pretrained=True)
-    metadata = {"arch": spec, "num_classes": str(num_classes), "format": "pretrained"}
-    if expected is not None:
-        metadata.update(input_metadata(expected.mean, expected.std, expected.size))
-    return model, metadata
-
-
-def is_external(name: str | None) -> bool:
-    """A `timm:NAME` / `tv:NAME` model name (these have published weights; the zoo has none)."""
-    return bool(name) and not is_weights_path(name) and name.partition(":")[0] in ("timm", "tv")
 
 
 def with_pretrained_input(bundle: DataBundle, student: str, teacher: str | None = None) -> DataBundle:
@@ -341,10 +324,12 @@ def evaluate_checkpoint(
     pretrained: bool = False,
     timing: bool = True,
     workers: int | None = None,
+    download: bool = False,
 ) -> dict[str, Any]:
     """Accuracy, calibration, agreement with a teacher and cost of a network on a dataset's validation split.
 
-    `checkpoint` and `teacher` are resolved as `--teacher` is (`load_network`). The inputs are
+    `checkpoint` and `teacher` are resolved as `--teacher` is (`load_network`; `download` fetches
+    the dataset and a missing release teacher). The inputs are
     normalised as the network was trained (the mean/std kd records in its weights, the pretrained
     config of a timm/tv model), else with the dataset's; the teacher sees the same inputs.
     Returns top1/top5/ece in percent, nll per sample, agreement in percent, params, macs (one
@@ -356,8 +341,8 @@ def evaluate_checkpoint(
         data = read_metadata(Path(checkpoint).expanduser()).get("dataset")
     if not data:
         raise KdError("no dataset to evaluate on", "pass --data (e.g. --data cifar100)")
-    bundle = build_data(data, data_dir=data_dir)
-    model, metadata = load_network(checkpoint, data, bundle.num_classes, arch=arch, pretrained=pretrained)
+    bundle = build_data(data, data_dir=data_dir, download=download)
+    model, metadata = load_network(checkpoint, data, bundle.num_classes, arch=arch, pretrained=pretrained, download=download)
     trained_on = read_input(metadata)
     if trained_on is not None:
         bundle = _with_input(bundle, *trained_on)
@@ -375,7 +360,9 @@ def evaluate_checkpoint(
         "ece": result.ece,
     }
     if teacher:
-        teacher_model, teacher_metadata = load_network(teacher, data, bundle.num_classes, arch=teacher_arch, pretrained=pretrained)
+        teacher_model, teacher_metadata = load_network(
+            teacher, data, bundle.num_classes, arch=teacher_arch, pretrained=pretrained, download=download
+        )
         reference = evaluate(teacher_model.to(dev), loader)
         summary.update(
             teacher=teacher, teacher_arch=teacher_metadata["arch"], teacher_top1=reference.top1,

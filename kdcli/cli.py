@@ -47,7 +47,7 @@ _flags_show_no_type()
 # Options shared by `kd train` and `kd distill` (one definition each).
 Data = Annotated[Optional[str], typer.Option("--data", help="cifar10, cifar100, imagefolder:PATH, digits, synthetic[:k=v,...]")]
 DataDir = Annotated[Optional[str], typer.Option("--data-dir", help="Folder holding the dataset files.")]
-Download = Annotated[Optional[bool], typer.Option("--download", help="Download the dataset if missing (needs internet).")]
+Download = Annotated[Optional[bool], typer.Option("--download", help="Download the dataset, and a CIFAR-100 release teacher missing from the store, if missing (needs internet).")]
 Epochs = Annotated[Optional[int], typer.Option("--epochs", help="Training epochs (default 240; lr milestones scale with it).")]
 BatchSize = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Training batch size (default 64).")]
 Lr = Annotated[Optional[float], typer.Option("--lr", help="Initial learning rate (default 0.05; 0.01 for MobileNetV2/ShuffleNet).")]
@@ -173,6 +173,7 @@ def eval_(
     teacher: Annotated[Optional[str], typer.Option("--teacher", "-t", help="Also report agreement with this network (resolved as in kd distill).")] = None,
     teacher_arch: Annotated[Optional[str], typer.Option("--teacher-arch", help="Architecture of a .pth teacher outside an <arch>_vanilla folder.")] = None,
     pretrained: Annotated[bool, typer.Option("--pretrained", help="timm:NAME / tv:NAME use their published weights (downloaded once, then cached).")] = False,
+    download: Annotated[bool, typer.Option("--download", help="Download the dataset, and a CIFAR-100 release teacher missing from the store, if missing.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Evaluation batch size.")] = 256,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N (also where latency and throughput are timed).")] = "auto",
     workers: Workers = None,
@@ -189,7 +190,7 @@ def eval_(
 
     result = api.evaluate_checkpoint(
         checkpoint, data, arch, data_dir, batch_size, device, teacher=teacher, teacher_arch=teacher_arch,
-        pretrained=pretrained, timing=timing, workers=workers,
+        pretrained=pretrained, timing=timing, workers=workers, download=download,
     )
     if json_out:
         print_json(result)
@@ -267,15 +268,62 @@ def _listing(what: str) -> tuple[str, list[Column], list[dict[str, Any]], str | 
         rows = [{"name": name, "description": text} for name, text in described.items()]
         flag = "--data" if what == "datasets" else "--preset"
         return f"{what} ({flag})", _plain_columns(["name", "description"]), rows, None
-    from kdcli.store import list_teachers
+    from kdcli.teachers import list_teachers
 
-    rows = [{"data": data, "model": arch, "path": str(path)} for data, arch, path in list_teachers()]
-    empty = "Fill it with `kd train MODEL --data DATA`: every model kd trains is stored as a teacher."
-    return "teacher store", _plain_columns(["data", "model", "path"]), rows, empty
+    columns = [*_plain_columns(["data", "model"]), ("top-1 (%)", lambda r: fmt(r["top1"])),
+               *_plain_columns(["source", "path"])]
+    empty = ("Fill it with `kd teachers fetch` (the published CIFAR-100 teachers), `kd teachers import PATH`, "
+             "or `kd train MODEL --data DATA` (every model kd trains is stored as a teacher).")
+    return "teacher store", columns, list_teachers(), empty
 
 
 def _plain_columns(keys: list[str]) -> list[Column]:
     return [(key, itemgetter(key)) for key in keys]
+
+
+teachers_app = typer.Typer(
+    help="Published teachers: fetch the CIFAR-100 release into the teacher store, or import it from files.",
+    no_args_is_help=True,
+)
+app.add_typer(teachers_app, name="teachers")
+
+
+@teachers_app.command("fetch")
+def teachers_fetch(
+    names: Annotated[Optional[list[str]], typer.Argument(help="Teachers to get, e.g. resnet110 (default: all in the release).", show_default=False)] = None,
+    url: Annotated[Optional[str], typer.Option("--url", help="A mirror of cifar_teachers.tar (default $KD_TEACHERS_URL, else the mdistiller release).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a different teacher of the same name in the store.")] = False,
+    json_out: Json = False,
+) -> None:
+    """Download the published CIFAR-100 teachers (mdistiller's cifar_teachers.tar, ~364 MB, resumable) into the store."""
+    from kdcli.teachers import fetch
+
+    _print_imported(fetch(names or None, url=url, overwrite=overwrite), json_out)
+
+
+@teachers_app.command("import")
+def teachers_import(
+    path: Annotated[Path, typer.Argument(help="cifar_teachers.tar, its extracted folder, or one .pth file.")],
+    names: Annotated[Optional[list[str]], typer.Option("--only", help="Import only this teacher (repeatable).")] = None,
+    arch: Annotated[Optional[str], typer.Option("--arch", help="Architecture of a single .pth outside an <arch>_vanilla folder.")] = None,
+    data: Annotated[str, typer.Option("--data", help="Dataset the teachers were trained on.")] = "cifar100",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a different teacher of the same name in the store.")] = False,
+    json_out: Json = False,
+) -> None:
+    """Import teachers from files (air-gapped machines): converted to kd .safetensors and registered in the store."""
+    from kdcli.teachers import import_path
+
+    _print_imported(import_path(path, names or None, arch=arch, overwrite=overwrite, dataset=data), json_out)
+
+
+def _print_imported(imported, json_out: bool) -> None:
+    if json_out:
+        print_json({"teachers": [item.as_dict() for item in imported]})
+        return
+    print_rows(
+        "teacher store", ["model", "top-1 (%)", "status", "sha256 of the .pth", "path"],
+        [[i.arch, fmt(i.top1), i.status, i.sha256[:16], i.path] for i in imported],
+    )
 
 
 @app.command()

@@ -25,7 +25,7 @@ from rich.table import Table
 from rich.text import Text
 
 from kdcli import api
-from kdcli.config import RunConfig, build_config, load_preset, read_config_file
+from kdcli.config import RECORDED_FIELDS, RunConfig, build_config, load_preset, read_config_file
 from kdcli.engine.checkpoint import atomic_write
 from kdcli.engine.rundir import RunDir
 from kdcli.errors import KdError, did_you_mean, unknown
@@ -33,8 +33,7 @@ from kdcli.methods import method_class
 from kdcli.methods.base import resolve_hparams
 from kdcli.models import list_models
 from kdcli.report import fmt, stderr, stdout
-from kdcli.store import dataset_key, find_teacher
-from kdcli.weights import is_weights_path
+from kdcli.teachers import dataset_key, find_teacher, is_weights_path, teacher_digest
 
 DEFAULT_METHODS = ["none", "kd"]
 GRID_KEYS = ("pairs", "methods", "seeds")
@@ -275,8 +274,11 @@ def run_state(job: Job) -> str:
     changed = [
         f"{f.name} {getattr(saved, f.name)!r} (asked {getattr(job.config, f.name)!r})"
         for f in fields(RunConfig)
-        if f.name not in PLACE_FIELDS and getattr(saved, f.name) != getattr(job.config, f.name)
+        if f.name not in PLACE_FIELDS | RECORDED_FIELDS and getattr(saved, f.name) != getattr(job.config, f.name)
     ]
+    digest = teacher_digest(job.config.teacher, job.config.data) if saved.teacher_sha256 else None
+    if saved.teacher_sha256 and digest != saved.teacher_sha256:
+        changed.append(f"teacher {job.config.teacher} with sha256 {saved.teacher_sha256[:12]}... (now {(digest or 'none')[:12]}...)")
     if changed:
         raise KdError(f"{run.path} holds a run with other settings: {', '.join(changed)}",
                       "pass another --out, or delete that folder to train it again")

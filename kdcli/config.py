@@ -26,6 +26,8 @@ class RunConfig:
     pretrained: bool = False  # timm:/tv: student starts from its published weights (and a timm:/tv: teacher uses them)
     teacher: str | None = None
     teacher_arch: str | None = None
+    teacher_sha256: str | None = None  # recorded by the run: sha256 of the teacher's weights file
+    teacher_source: str | None = None  # recorded by the run: where those weights came from
     method: str = "kd"
     options: dict[str, Any] = field(default_factory=dict)  # method hyperparameters (--set)
     data: str = "cifar100"
@@ -80,6 +82,8 @@ class RunConfig:
 
 
 FIELD_NAMES = {f.name for f in fields(RunConfig)}
+# Written by the run itself (what the teacher was), not settings a user chooses.
+RECORDED_FIELDS = {"teacher_sha256", "teacher_source"}
 # Tables a preset may hold for one command only; RunConfig ignores them (`[compare]`: the grid of kd compare).
 COMMAND_TABLES = {"compare"}
 

@@ -100,10 +100,13 @@ def digits_teacher(tmp_path_factory) -> str:
 
     out = tmp_path_factory.mktemp("digits_teacher")
     torch.set_num_threads(1)
-    summary = api.run(build_config({
-        "command": "train", "student": DIGITS_TEACHER_ARCH, "method": "none", "data": "digits",
-        "epochs": 4, "batch_size": 64, "lr": 0.05, "device": "cpu", "seed": 0, "out": str(out),
-    }), reporter=_Silent())
+    # Session fixtures run before the per-test store exists: give this one its own, never ~/.cache.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KD_HOME", str(tmp_path_factory.mktemp("digits_teacher_home")))
+        summary = api.run(build_config({
+            "command": "train", "student": DIGITS_TEACHER_ARCH, "method": "none", "data": "digits",
+            "epochs": 4, "batch_size": 64, "lr": 0.05, "device": "cpu", "seed": 0, "out": str(out),
+        }), reporter=_Silent())
     assert summary["top1"] > 60, summary  # a real teacher: far above the 10 % of chance
     return summary["weights"]
 

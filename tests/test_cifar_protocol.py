@@ -8,8 +8,8 @@ import tomllib
 import torchvision
 
 from kdcli.models import create_model
-from kdcli.store import teacher_path
-from kdcli.weights import save_model
+from kdcli.teachers import teacher_path
+from kdcli.teachers import save_model
 from tests.test_data import write_fake_cifar100
 
 

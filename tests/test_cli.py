@@ -14,7 +14,7 @@ from safetensors import safe_open
 from kdcli import api
 from kdcli.config import build_config, load_preset
 from kdcli.models import create_model
-from kdcli.weights import save_model
+from kdcli.teachers import save_model
 from tests.conftest import MEASURED_FIELDS, TINY_DATA, assert_clean_error, write_malicious_pth
 
 COMMON = ["--data", TINY_DATA, "--epochs", "2", "--batch-size", "32", "--device", "cpu"]

@@ -29,7 +29,7 @@ from kdcli.config import build_config
 from kdcli.engine.checkpoint import load_state, save_state
 from kdcli.methods.base import _REGISTRY, Method, Needs, register
 from kdcli.models import create_model
-from kdcli.weights import save_model
+from kdcli.teachers import save_model
 from tests.conftest import MEASURED_FIELDS, TINY_DATA, _Silent, assert_clean_error, exit_code
 
 # 1600 training images in 50 steps of 32: an epoch lasts about a second on one core, long enough to
@@ -549,7 +549,7 @@ def test_a_resume_checkpoint_given_as_teacher_says_what_it_is(kd, finished_run):
 
 def test_safetensors_header_dtypes_are_checked_before_loading(kd, tmp_path):
     """An integer tensor where the model has a float weight is refused from the header alone."""
-    from kdcli.weights import FORMAT
+    from kdcli.teachers import FORMAT
 
     state = {k: v.contiguous() for k, v in create_model("resnet8", num_classes=4).state_dict().items()}
     state["fc.weight"] = state["fc.weight"].to(torch.int32)

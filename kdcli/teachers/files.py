@@ -1,7 +1,7 @@
 """Model weight files: kd's safetensors (with metadata) and RepDistiller/mdistiller `.pth` checkpoints.
 
-`.pth` files are read with `torch.load(weights_only=True)`, which refuses any pickle that would build
-objects other than tensors and plain containers: a crafted file never runs code here.
+`.pth` files are read by kdcli.teachers.pth, which checks their size and every global their pickle
+names before `torch.load(weights_only=True)` sees them: a crafted file never runs code here.
 """
 
 from __future__ import annotations
@@ -19,10 +19,9 @@ from kdcli.engine.checkpoint import STATE_KEY, atomic_write
 from kdcli.errors import KdError
 from kdcli.models import create_model
 from kdcli.models.features import classifier_of
+from kdcli.teachers.pth import read_checkpoint, state_dict_of, stored_accuracy
 
 FORMAT = "kdcli-model"
-_WRAPPER_KEYS = ("model", "state_dict", "net", "student")
-_PREFIXES = ("module.", "student.", "model.")
 
 
 def is_weights_path(name: str) -> bool:
@@ -104,14 +103,26 @@ def load_model_file(
         _check_layout(path, model, _safetensors_layout(path), arch)
         state = _read_safetensors(path)
     else:
-        state = _read_pth(path)
-        arch = arch or _arch_from_folder(path)
-        file_classes = _classes_in(state, arch)
-        _check_classes(path, file_classes, num_classes)
-        model = create_model(arch, num_classes=file_classes)
-        _check_layout(path, model, {k: (tuple(v.shape), v.is_floating_point()) for k, v in state.items()}, arch)
-        metadata = {"arch": arch, "num_classes": str(file_classes), "format": "pth"}
+        return load_pth(path, arch, num_classes)
     model.load_state_dict(state, strict=True)
+    return model, metadata
+
+
+def load_pth(path: Path, arch: str | None = None, num_classes: int | None = None) -> tuple[nn.Module, dict[str, str]]:
+    """A RepDistiller/mdistiller `.pth` loaded strictly into the zoo architecture; metadata holds the
+    top-1 the trainer stored beside the weights, when there is one."""
+    checkpoint = read_checkpoint(path)
+    state = state_dict_of(checkpoint, path)
+    arch = arch or _arch_from_folder(path)
+    file_classes = _classes_in(state, arch)
+    _check_classes(path, file_classes, num_classes)
+    model = create_model(arch, num_classes=file_classes)
+    _check_layout(path, model, {k: (tuple(v.shape), v.is_floating_point()) for k, v in state.items()}, arch)
+    model.load_state_dict(state, strict=True)
+    metadata = {"arch": arch, "num_classes": str(file_classes), "format": "pth"}
+    accuracy = stored_accuracy(checkpoint)
+    if accuracy is not None:
+        metadata["top1"] = f"{accuracy:.4f}"
     return model, metadata
 
 
@@ -128,39 +139,6 @@ def _safetensors_layout(path: Path) -> dict[str, tuple[tuple[int, ...], bool]]:
     with safe_open(str(path), framework="pt") as handle:
         slices = {key: handle.get_slice(key) for key in handle.keys()}
         return {key: (tuple(s.get_shape()), s.get_dtype().startswith(("F", "BF"))) for key, s in slices.items()}
-
-
-def _read_pth(path: Path) -> dict[str, torch.Tensor]:
-    """The state dict inside a `.pth`, loaded without running any pickled code."""
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure of an untrusted file is the user's input
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise KdError(
-            f"refused to load {path}: not a plain weights file ({reason[:200]})",
-            "kd only reads tensors (torch.load weights_only=True); re-save the checkpoint as a state_dict "
-            "or convert it to safetensors",
-        ) from None
-    for key in _WRAPPER_KEYS:
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise KdError(
-            f"{path} holds no state_dict",
-            "expected a dict of tensors, or RepDistiller's {'model': state_dict, ...}",
-        )
-    return {_strip_prefixes(key): value for key, value in obj.items()}
-
-
-def _strip_prefixes(key: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _PREFIXES:
-            if key.startswith(prefix):
-                key, changed = key[len(prefix) :], True
-    return key
 
 
 def _arch_from_folder(path: Path) -> str:
