@@ -177,7 +177,7 @@ def test_bf16_runs_step_the_bf16_teacher_and_evaluate_the_fp32_one(tmp_path, tea
 
 def _teacher_path(tmp_path):
     from kdcli.models import create_model
-    from kdcli.weights import save_model
+    from kdcli.teachers import save_model
 
     path = tmp_path / "teacher.safetensors"
     torch.manual_seed(0)
