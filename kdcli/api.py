@@ -22,6 +22,7 @@ from kdcli.engine.precision import resolve_precision
 from kdcli.engine.trainer import Schedule, Trainer, config_fingerprint
 from kdcli.errors import KdError
 from kdcli.methods import Method, Shapes, method_class
+from kdcli.models.prerelu import stage_bns
 from kdcli.methods.base import resolve_hparams
 from kdcli.models import create_model, default_lr
 from kdcli.models.registry import pretrained_input
@@ -53,6 +54,9 @@ def run(config: RunConfig, overwrite: bool = False, resume: bool = False, report
     device = resolve_device(config.device)
     if world.enabled and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
+    if world.enabled and config.optimizer == "dot":
+        raise KdError("--optimizer dot runs in one process only (its two backward passes bypass DDP's gradient sync)",
+                      "drop --nproc, or use --optimizer sgd")
     cls = method_class(config.method)
     resolve_hparams(cls, config.options)  # reject bad --set values before any slow work
     check_architecture_name(config.student)
@@ -219,6 +223,8 @@ def schedule_of(config: RunConfig) -> Schedule:
         weight_decay=config.weight_decay,
         milestones=config.milestone_epochs(),
         lr_decay=config.lr_decay,
+        optimizer=config.optimizer,
+        dot_delta=config.dot_delta,
     )
 
 
@@ -305,9 +311,11 @@ def build_method(
     student_shapes = shapes_of(student, x)
     teacher_shapes = shapes_of(teacher, x) if teacher is not None else Shapes()
     head = classifier_of(teacher) if cls.needs.teacher_head and teacher is not None else None
+    extra = {"teacher_bn": stage_bns(teacher)} if cls.needs.teacher_bn and teacher is not None else {}
     torch.manual_seed(config.seed + 1)
     return cls(
-        student_shapes, teacher_shapes, len(train_labels), teacher_head=head, train_labels=train_labels, **config.options
+        student_shapes, teacher_shapes, len(train_labels), teacher_head=head, train_labels=train_labels,
+        **extra, **config.options,
     )
 
 

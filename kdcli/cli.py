@@ -154,13 +154,16 @@ def distill(
     precision: Precision = None, compile_: Compile = None, deterministic: Deterministic = None,
     workers: Workers = None, out: Out = None, preset: Preset = None, resume: Resume = None,
     overwrite: Overwrite = False, json_out: Json = False, pretrained: Pretrained = None, nproc: Nproc = 1, sync_bn: SyncBn = None,
+    optimizer: Annotated[Optional[str], typer.Option("--optimizer", help="sgd, or dot: separate task/distillation momenta (DOT, ICCV 2023), with any method.")] = None,
+    dot_delta: Annotated[Optional[float], typer.Option("--dot-delta", help="DOT momentum gap: task momentum - delta, distillation + delta (default 0.075).")] = None,
 ) -> None:
     """Distill a teacher into a student with one method; writes <out>/student.safetensors."""
     flags = dict(
         command="distill", teacher=teacher, student=student, method=method, teacher_arch=teacher_arch,
         options=parse_set_options(set_ or []) or None, data=data, data_dir=data_dir, download=download, pretrained=pretrained,
         epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, workers=workers, out=out,
-        precision=precision, compile=compile_, sync_bn=sync_bn, deterministic=deterministic,
+        precision=precision, compile=compile_, sync_bn=sync_bn, optimizer=optimizer, dot_delta=dot_delta,
+        deterministic=deterministic,
     )
     _run(flags, preset, resume, overwrite, json_out, nproc)
 

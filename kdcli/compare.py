@@ -352,7 +352,8 @@ def read_record(summary_path: Path) -> Record:
     if lacking:
         raise KdError(f"{summary_path} is not a kd run summary (no {', '.join(lacking)})", FOLDERS_HINT)
     options = read_config_file(run.config).get("options", {}) if run.config.is_file() else {}
-    curve = [m["val_top1"] for m in run.read_metrics() if "val_top1" in m]
+    # main-stage epochs only: an init stage (AB, FT, FSP) would shift the curve against the others
+    curve = [m["val_top1"] for m in run.read_metrics() if "val_top1" in m and m.get("stage", "main") == "main"]
     return Record(run.path, summary, changed_options(summary["method"], options), curve)
 
 

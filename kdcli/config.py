@@ -41,6 +41,8 @@ class RunConfig:
     weight_decay: float = 5e-4
     milestones: list[int] | None = None  # None: 150/180/210 of 240, scaled to --epochs
     lr_decay: float = 0.1
+    optimizer: str = "sgd"  # "dot": DOT's separate task/distillation momenta (kdcli.engine.dot)
+    dot_delta: float = 0.075  # DOT's momentum gap: task mu - delta, distillation mu + delta
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 autocast where the hardware has fast bf16, else fp32
@@ -72,6 +74,11 @@ class RunConfig:
         for ok, name, value, expected in checks:
             if not ok:
                 raise KdError(f"--{name} {value} is invalid", f"use {expected}")
+        if self.optimizer not in ("sgd", "dot"):
+            raise KdError(f"--optimizer {self.optimizer!r} is invalid", "use sgd or dot")
+        if not 0 <= self.dot_delta <= self.momentum or self.momentum + self.dot_delta >= 1:
+            raise KdError(f"--dot-delta {self.dot_delta} is invalid with --momentum {self.momentum}",
+                          "use 0 <= delta <= momentum with momentum + delta < 1, e.g. 0.075")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise KdError(f"--precision {self.precision!r} is invalid", "use auto, fp32 or bf16")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

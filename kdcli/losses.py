@@ -11,12 +11,13 @@ a gradient through the teacher side (e.g. CTKD's learned temperature) gets it.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 _Loss = TypeVar("_Loss", bound=Callable[..., Tensor])
 
@@ -24,11 +25,13 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def full_precision(fn: _Loss) -> _Loss:
-    """Run `fn` outside autocast, with fp16/bf16 tensor arguments promoted to float32."""
+    """Run `fn` outside autocast, with fp16/bf16 tensor arguments (and tensors in list arguments) promoted to float32."""
 
     def promote(value):
         if isinstance(value, Tensor) and value.dtype in _LOW_PRECISION:
             return value.float()
+        if isinstance(value, (list, tuple)):  # lists of feature maps (fsp, kdsvd, hcl)
+            return type(value)(promote(v) for v in value)
         return value
 
     @functools.wraps(fn)
@@ -376,3 +379,254 @@ def mlld_loss(
         temperature, mask_fraction, logit_standardization,
     )
     return terms["instance"] + terms["class"] + terms["batch"]
+
+
+# ---- the RepDistiller / mdistiller zoo: cc, vid, nst, fsp, ft, ab, kdsvd, ofd, reviewkd, dist ------
+
+
+def _pool_to_smaller(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
+    """RepDistiller's rule for square maps: the map with the larger height is average-pooled to the other's size."""
+    h_s, h_t = student.shape[2], teacher.shape[2]
+    if h_s > h_t:
+        student = F.adaptive_avg_pool2d(student, tuple(teacher.shape[2:]))
+    elif h_s < h_t:
+        teacher = F.adaptive_avg_pool2d(teacher, tuple(student.shape[2:]))
+    return student, teacher
+
+
+@full_precision
+def cc_loss(student_embedding: Tensor, teacher_embedding: Tensor) -> Tensor:
+    """Correlation congruence (Peng et al.), the authors' compact form used by RepDistiller.
+
+    With D = |f_s - f_t| on [B, d] (the method's head outputs), the sum over features of
+    D[i] * D[i+1] for neighbouring rows of the batch, averaged over the B - 1 pairs.
+    """
+    delta = (student_embedding - teacher_embedding).abs().reshape(student_embedding.shape[0], -1)
+    if delta.shape[0] < 2:  # a last batch of one sample has no neighbouring pair: no signal, not NaN
+        return delta.sum() * 0.0
+    return (delta[:-1] * delta[1:]).sum(dim=1).mean()
+
+
+@full_precision
+def vid_loss(pred_mean: Tensor, target: Tensor, log_scale: Tensor, eps: float = 1e-5) -> Tensor:
+    """Variational information distillation (Ahn et al.) for one stage: Gaussian negative log-likelihood.
+
+    `pred_mean` [B, C, H, W] (the regressor's output), `target` the teacher map of the same shape,
+    `log_scale` [C] the per-channel parameter a with variance softplus(a) + eps. Mean over all
+    elements of 0.5 * ((mu - t)^2 / var + log var); the 0.5 log(2 pi) constant is left out.
+    """
+    variance = (F.softplus(log_scale) + eps).reshape(1, -1, *([1] * (pred_mean.ndim - 2)))
+    return (0.5 * ((pred_mean - target).pow(2) / variance + variance.log())).mean()
+
+
+def _channel_maps(feature: Tensor) -> Tensor:
+    """[B, C, H*W] with each channel's spatial map L2-normalised."""
+    return F.normalize(feature.reshape(feature.shape[0], feature.shape[1], -1), p=2, dim=2, eps=1e-12)
+
+
+def _poly_kernel_mean(a: Tensor, b: Tensor) -> Tensor:
+    """Mean over batch and channel pairs of (a_i . b_j)^2 (degree-2 polynomial kernel, offset 0)."""
+    return torch.bmm(a, b.transpose(1, 2)).pow(2).mean()
+
+
+@full_precision
+def nst_loss(student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
+    """Neuron selectivity transfer (Huang & Wang) for one stage pair: MMD^2 with the kernel (x^T y)^2.
+
+    The map with the larger height is pooled to the other's size; each channel map is L2-normalised
+    over space; mean(K_tt) + mean(K_ss) - 2 mean(K_st), each a plain mean over batch and channel
+    pairs (RepDistiller / mdistiller), computed by batched matmul instead of their broadcast.
+    """
+    student_feature, teacher_feature = _pool_to_smaller(student_feature, teacher_feature)
+    s, t = _channel_maps(student_feature), _channel_maps(teacher_feature)
+    return _poly_kernel_mean(t, t) + _poly_kernel_mean(s, s) - 2 * _poly_kernel_mean(t, s)
+
+
+def _fsp_matrix(lower: Tensor, upper: Tensor) -> Tensor:
+    """[B, C_upper, C_lower]: spatial mean of the channel products of two consecutive maps."""
+    lower, upper = _pool_to_smaller(lower, upper)
+    a = lower.reshape(lower.shape[0], lower.shape[1], -1)
+    b = upper.reshape(upper.shape[0], upper.shape[1], -1)
+    return torch.bmm(b, a.transpose(1, 2)) / a.shape[2]
+
+
+@full_precision
+def fsp_loss(student_features: Sequence[Tensor], teacher_features: Sequence[Tensor]) -> Tensor:
+    """Flow of solution procedure (Yim et al.): one FSP matrix per consecutive pair of maps.
+
+    For each consecutive pair (lower, upper) of each list, G = upper . lower^T / (H*W) after pooling
+    the larger map to the smaller; the loss is the sum over pairs of the mean squared difference
+    of the student's and teacher's G. Channel counts must agree position by position.
+    """
+    if len(student_features) != len(teacher_features):
+        raise ValueError(f"fsp_loss needs lists of equal length, got {len(student_features)} and {len(teacher_features)}")
+    total = student_features[0].new_zeros(())
+    for i in range(1, len(student_features)):
+        g_s = _fsp_matrix(student_features[i - 1], student_features[i])
+        g_t = _fsp_matrix(teacher_features[i - 1], teacher_features[i])
+        if g_s.shape != g_t.shape:
+            raise ValueError(f"fsp_loss needs equal channel counts, got {tuple(g_s.shape)} and {tuple(g_t.shape)} at pair {i}")
+        total = total + (g_s - g_t).pow(2).mean()
+    return total
+
+
+def _factor(factor: Tensor, p1: float) -> Tensor:
+    """RepDistiller's FT factor: channel mean of F^p1, flattened, L2-normalised per sample: [B, H*W]."""
+    return F.normalize(factor.pow(p1).mean(dim=1).reshape(factor.shape[0], -1), p=2, dim=1, eps=1e-12)
+
+
+@full_precision
+def ft_loss(student_factor: Tensor, teacher_factor: Tensor, p1: float = 2, p2: float = 1) -> Tensor:
+    """Factor transfer (Kim et al.) as RepDistiller: mean over B*H*W of |q_s - q_t|^p2.
+
+    q is the L2-normalised channel mean of the factor to the power p1 (the larger map pooled to
+    the smaller first); p2 = 1 is the absolute difference.
+    """
+    student_factor, teacher_factor = _pool_to_smaller(student_factor, teacher_factor)
+    diff = _factor(student_factor, p1) - _factor(teacher_factor, p1)
+    return diff.abs().mean() if p2 == 1 else diff.pow(p2).mean()
+
+
+AB_SCALE = 3.0 / 1000.0
+"""RepDistiller multiplies every activation-boundary pair loss by 3/1000."""
+
+
+@full_precision
+def ab_loss(student_feature: Tensor, teacher_feature: Tensor, margin: float = 1.0) -> Tensor:
+    """Activation-boundary loss (Heo et al.) for one pre-ReLU stage pair, as RepDistiller scales it.
+
+    Sum over all elements of (s + m)^2 where s > -m and the teacher is inactive (t <= 0), plus
+    (s - m)^2 where s <= m and the teacher is active (t > 0); divided by the batch size, times
+    3/1000. The per-layer weights 2^(l - n) are the method's.
+    """
+    inactive = (teacher_feature <= 0).to(student_feature.dtype)
+    active = 1.0 - inactive
+    loss = (student_feature + margin).pow(2) * (student_feature > -margin).to(student_feature.dtype) * inactive
+    loss = loss + (student_feature - margin).pow(2) * (student_feature <= margin).to(student_feature.dtype) * active
+    return loss.sum() / student_feature.shape[0] * AB_SCALE
+
+
+def _finite(x: Tensor) -> Tensor:
+    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+
+
+def _top_singular(feature: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """The first n right-singular vectors [B, C, n] of the (positions x channels) matrix, and the
+    singular values [B, n], each L2-normalised (non-finite entries zeroed first)."""
+    x = feature.reshape(feature.shape[0], feature.shape[1], -1).transpose(1, 2)  # [B, H*W, C]
+    if x.requires_grad:
+        # SVD backward is unstable for (near-)repeated singular values: zero such gradients
+        # instead of letting a NaN reach the weights
+        x.register_hook(_finite)
+    _, sigma, vh = torch.linalg.svd(x, full_matrices=False)
+    v = _finite(vh.transpose(1, 2)[:, :, :n])
+    return F.normalize(v, p=2, dim=1), F.normalize(_finite(sigma[:, :n]), p=2, dim=1)
+
+
+def _aligned(student_v: Tensor, teacher_v: Tensor) -> Tensor:
+    """For each teacher vector, the student vector with the largest |cosine|, sign-corrected: [B, C, k]."""
+    cosine = student_v.transpose(1, 2) @ teacher_v  # [B, n_s, k]
+    best = cosine.abs().argmax(dim=1, keepdim=True)  # [B, 1, k]
+    sign = torch.sign(torch.gather(cosine, 1, best))
+    picked = torch.gather(student_v, 2, best.expand(-1, student_v.shape[1], -1))
+    return picked * sign
+
+
+def _rbf(upper: Tensor, lower: Tensor) -> Tensor:
+    """[B, C_upper, C_lower, k]: exp(-(v_upper[i] - v_lower[j])^2 / 8)."""
+    return torch.exp(-(upper.unsqueeze(2) - lower.unsqueeze(1)).pow(2) / 8)
+
+
+@full_precision
+def kdsvd_loss(student_features: Sequence[Tensor], teacher_features: Sequence[Tensor], k: int = 1) -> Tensor:
+    """SVD-based KD (Lee et al.) with the authors'/RepDistiller channel layout.
+
+    Per stage: top right-singular vectors of the [H*W, C] matrix (k for the teacher, k + 3 for the
+    student, the student's aligned and sign-corrected to the teacher's), both weighted by the
+    teacher's normalised singular values; between consecutive stages the squared difference of the
+    RBF correlations exp(-d^2/8), summed over all entries (non-finite ones zeroed), divided by B.
+    Channel counts of student and teacher must agree per stage.
+    """
+    total = student_features[0].new_zeros(())
+    previous: tuple[Tensor, Tensor] | None = None
+    for f_s, f_t in zip(student_features, teacher_features):
+        v_t, sigma_t = _top_singular(f_t, k)
+        v_s, _ = _top_singular(f_s, k + 3)
+        v_s = _aligned(v_s, v_t) * sigma_t.unsqueeze(1)
+        v_t = v_t * sigma_t.unsqueeze(1)
+        if previous is not None:
+            gap = (_rbf(v_s, previous[0]) - _rbf(v_t, previous[1])).pow(2)
+            total = total + _finite(gap).sum()
+        previous = (v_s, v_t)
+    return total / student_features[0].shape[0]
+
+
+@full_precision
+def hcl_loss(student_features: Sequence[Tensor], teacher_features: Sequence[Tensor]) -> Tensor:
+    """ReviewKD's hierarchical context loss, summed over levels (pairs of equal-shape maps).
+
+    Per level of height h: MSE at full size plus, for p in 4, 2, 1 with p < h, the MSE of both maps
+    average-pooled to p x p with weights 1/2, 1/4, 1/8; the weighted sum divided by the total weight.
+    """
+    total = student_features[0].new_zeros(())
+    for f_s, f_t in zip(student_features, teacher_features):
+        level = F.mse_loss(f_s, f_t)
+        weight, weights = 1.0, 1.0
+        for size in (4, 2, 1):
+            if size >= f_s.shape[2]:
+                continue
+            weight /= 2.0
+            level = level + weight * F.mse_loss(F.adaptive_avg_pool2d(f_s, size), F.adaptive_avg_pool2d(f_t, size))
+            weights += weight
+        total = total + level / weights
+    return total
+
+
+def ofd_margin(bn: nn.BatchNorm2d | tuple[Tensor, Tensor]) -> Tensor:
+    """OFD's per-channel margin [C] from a BatchNorm's affine parameters (weight gamma, bias beta).
+
+    The pre-ReLU response is taken as N(beta, gamma^2): m = E[x | x < 0] = beta - s*pdf(beta/s)/cdf(-beta/s)
+    with s = |gamma|, or -3s where cdf(-beta/s) <= 0.001. Running statistics are not used.
+    """
+    weight, bias = (bn.weight, bn.bias) if isinstance(bn, nn.Module) else bn
+    std, mean = weight.detach().abs().double(), bias.detach().double()
+    z = mean / std
+    below = 0.5 * torch.erfc(z / math.sqrt(2.0))  # Phi(-z)
+    pdf = torch.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+    margin = torch.where(below > 0.001, mean - std * pdf / below.clamp(min=1e-300), -3.0 * std)
+    return margin.to(weight.dtype)
+
+
+@full_precision
+def ofd_loss(student_feature: Tensor, teacher_feature: Tensor, margin: Tensor) -> Tensor:
+    """OFD's partial L2 for one stage: with T' = max(T, m), the sum over C*H*W of (S - T')^2 where
+    S > T' or T' > 0, averaged over the batch. `margin` is [C] (or broadcastable to the maps);
+    `teacher_feature` is the teacher's pre-ReLU map already pooled to the connector output's size."""
+    if margin.ndim == 1:
+        margin = margin.reshape(1, -1, 1, 1)
+    target = torch.maximum(teacher_feature, margin.to(teacher_feature.dtype))
+    mask = ((student_feature > target) | (target > 0)).to(student_feature.dtype)
+    return ((student_feature - target).pow(2) * mask).sum() / student_feature.shape[0]
+
+
+def _pearson_rows(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
+    """Pearson correlation of each row pair: centred cosine with eps added to the norms' product."""
+    a = a - a.mean(dim=1, keepdim=True)
+    b = b - b.mean(dim=1, keepdim=True)
+    return (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+
+
+@full_precision
+def dist_loss(
+    student_logits: Tensor, teacher_logits: Tensor, beta: float = 1.0, gamma: float = 1.0, temperature: float = 1.0
+) -> Tensor:
+    """DIST (Huang et al.): T^2 * (beta * inter + gamma * intra) on softmax(z / T).
+
+    inter = 1 - mean over samples of the Pearson correlation of the class-probability rows;
+    intra = 1 - mean over classes of the Pearson correlation of the probability columns.
+    """
+    p_s = F.softmax(student_logits / temperature, dim=1)
+    p_t = F.softmax(teacher_logits / temperature, dim=1)
+    inter = 1.0 - _pearson_rows(p_s, p_t).mean()
+    intra = 1.0 - _pearson_rows(p_s.t(), p_t.t()).mean()
+    return temperature**2 * (beta * inter + gamma * intra)

@@ -81,7 +81,7 @@ def _logits(rows, grad=False):
 
 def test_defaults_are_the_specs():
     expected = {
-        "fitnet": {"ce": 1.0, "kd": 0.0, "T": 4.0, "beta": 100.0, "hint": 2},
+        "fitnet": {"ce": 1.0, "kd": 0.0, "T": 4.0, "beta": 100.0, "hint": 2, "init_epochs": 0, "init_lr": 0.0},  # init_epochs > 0: two-stage FitNet
         "at": {"ce": 1.0, "kd": 0.0, "T": 4.0, "beta": 1000.0, "p": 2.0},
         "rkd": {"ce": 1.0, "kd": 0.0, "T": 4.0, "beta": 1.0, "w_dist": 25.0, "w_angle": 50.0},
         "pkt": {"ce": 1.0, "kd": 0.0, "T": 4.0, "beta": 30000.0},

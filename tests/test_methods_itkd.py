@@ -147,7 +147,7 @@ def test_schedule_scales_defaults_with_the_run_and_keeps_explicit_values():
     assert _build(host="dkd").hp["ce"] == 1.0 and _build(host="dkd", ce=0.5).hp["ce"] == 0.5
 
 
-@pytest.mark.parametrize("options", [{"variant": "paper"}, {"host": "crd"}, {"purify": "true"}, {"rl_every": 0}])
+@pytest.mark.parametrize("options", [{"variant": "paper"}, {"host": "crd"}, {"purify": "true", "purify_every": "0"}, {"rl_every": 0}])
 def test_bad_options_are_clean_errors(options):
     with pytest.raises(KdError):
         _build(**options)

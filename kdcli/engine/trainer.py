@@ -38,8 +38,11 @@ from kdcli.engine.evaluate import Evaluation, evaluate
 from kdcli.engine.memory import peak_memory_mb, reset_peak_memory
 from kdcli.engine.precision import autocast, classifier_in_fp32, frozen_bf16_copy
 from kdcli.engine.rundir import RunDir
-from kdcli.engine.schedule import multistep_lr
 from kdcli.engine.signals import StopRequest
+from kdcli.engine.dot import build_optimizer, optimize
+from kdcli.engine.image_edits import edited_images
+from kdcli.engine.stages import Stages
+from kdcli.engine.teacher_pass import teacher_mode, teacher_needs
 from kdcli.errors import KdError
 from kdcli.methods.base import Method, Needs
 from kdcli.models.features import Outputs, forward_outputs
@@ -63,6 +66,8 @@ class Schedule:
     milestones: list[int]
     lr_decay: float
     log_every: int = 20
+    optimizer: str = "sgd"  # or "dot" (kdcli.engine.dot)
+    dot_delta: float = 0.075
 
 
 @dataclass
@@ -197,10 +202,10 @@ class Trainer:
         else:
             self.student_fn, self.eval_fn, self.teacher_fn = self.student_eager, student, stepped
         params = list(student.parameters()) + method.trainable_parameters()
-        self.optimizer = torch.optim.SGD(
-            params, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay,
-            **_fast_step(device),
-        )
+        self.optimizer = build_optimizer(params, schedule, **_fast_step(device))  # SGD, or DOT (--optimizer dot)
+        # init stage (if any), then main
+        self.stages = Stages(method, student, schedule, self.optimizer, wrapped=(self.student_eager, self.method_fn))  # the DDP modules themselves
+        self.active_optimizer = self.optimizer
         self.best_top1 = -1.0
         self.best_epoch = 0
         self.teacher_eval: Evaluation | None = None
@@ -218,8 +223,8 @@ class Trainer:
         metrics: dict[str, Any] = {}
         try:
             with self.stop:  # before the header line: once it is printed, Ctrl-C saves a checkpoint
-                self.reporter.start(self.schedule.epochs, len(self.train_loader), completed + 1)
-                for epoch in range(completed + 1, self.schedule.epochs + 1):
+                self.reporter.start(self.stages.total, len(self.train_loader), completed + 1)
+                for epoch in range(completed + 1, self.stages.total + 1):
                     metrics = self._epoch(epoch, partial)
                     partial = None
         finally:
@@ -227,24 +232,22 @@ class Trainer:
         return metrics
 
     def _epoch(self, epoch: int, partial: dict[str, Any] | None) -> dict[str, Any]:
-        s = self.schedule
-        lr = multistep_lr(s.lr, epoch, s.milestones, s.lr_decay)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.method.on_epoch_start(epoch, s.epochs)
+        stage, lr, self.active_optimizer = self.stages.begin(epoch)
         if partial and partial.get("method") is not None:
             self.method.load_running_state(partial["method"])
         started = time.perf_counter()
         reset_peak_memory(self.device)  # the epoch's own peak: not the teacher's evaluation, not earlier runs
         sums = EpochSums.from_state(partial["sums"], self.device) if partial else EpochSums()
-        train = self._train_epoch(epoch, sums)
+        with edited_images(self.train_loader, self.stages.image_edits(stage)):
+            train = self._train_epoch(epoch, sums)
         val = evaluate(self.eval_fn, self.val_loader, ragged=self.student)
-        if val.top1 > self.best_top1:
+        if stage.name == "main" and val.top1 > self.best_top1:
             self.best_top1, self.best_epoch = val.top1, epoch
             if self.world.is_main:
                 self.save_weights(self.run.best, val.top1)
         metrics = {
             "epoch": epoch,
+            **self.stages.marks(stage),
             "lr": lr,
             **train,
             **self.method.epoch_metrics(),
@@ -266,7 +269,7 @@ class Trainer:
         return metrics
 
     def _train_epoch(self, epoch: int, sums: EpochSums) -> dict[str, Any]:
-        self.student.train()
+        self.student.train(self.stages.student_trains)
         self.method.train()
         self.train_loader.set_epoch(epoch, start=sums.steps)
         total = sums.steps + len(self.train_loader)
@@ -339,15 +342,12 @@ class Trainer:
         with autocast(self.device, self.precision):
             t_out = None
             if self.teacher is not None:
-                with torch.inference_mode():
-                    t_out = run_network(teacher_fn, batch, needs)
+                with torch.inference_mode(), teacher_mode(self.teacher_eager, needs):
+                    t_out = run_network(teacher_fn, batch, teacher_needs(needs))
                 t_out = _as_normal_tensors(t_out)
             s_out = run_network(student_fn, batch, needs)
             terms = self.method_fn(s_out, t_out, batch)
-        loss = sum(terms.values())
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        optimize(self.active_optimizer, terms)
         return terms, s_out.logits[: batch.y.numel()]
 
     def _diverged(self, epoch: int, step: int, terms: dict[str, float]) -> None:
@@ -376,6 +376,7 @@ class Trainer:
             "method": self.method.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "method_optimizers": {k: o.state_dict() for k, o in self.method.own_optimizers().items()},
+            "stages": self.stages.state(),
             "best_top1": self.best_top1,
             "best_epoch": self.best_epoch,
             "rng": rng_state(),
@@ -408,6 +409,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         for name, optimizer in self.method.own_optimizers().items():
             optimizer.load_state_dict(state["method_optimizers"][name])
+        self.stages.load(state.get("stages", {}))
         self.best_top1, self.best_epoch = state["best_top1"], state["best_epoch"]
         set_rng_state(state["rng"])
         self.run.truncate_metrics(state["epoch"])

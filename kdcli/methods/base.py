@@ -26,6 +26,9 @@ class Needs:
     joint_views: bool = True  # run x and its views through a network in one pass (shared BN stats)
     teacher: bool = True  # False: the teacher is never run (plain training)
     teacher_head: bool = False  # the frozen teacher classifier's weight/bias as buffers (CRCD)
+    teacher_preact: bool = False  # the teacher's features before each stage's final ReLU (ReviewKD)
+    teacher_bn: bool = False  # the teacher's BatchNorms before each stage's ReLU, given to __init__ (OFD)
+    teacher_batch_stats: bool = False  # teacher BN normalises with batch statistics (buffers untouched; OFD)
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,10 @@ class Method(nn.Module):
 
         With `needs.views`, `s` and `t` cover `[x; views]` stacked along dim 0 (the first
         `batch.y.numel()` rows are the plain batch); override `forward` to use the views.
+        In the initialisation stage (`self.stage == "init"`) the terms are `init_terms`.
         """
+        if self.stage == "init":
+            return self.init_terms(s, t, batch)
         terms: dict[str, Tensor] = {}
         if self.hp["ce"]:
             terms["ce"] = self.hp["ce"] * F.cross_entropy(s.logits, batch.y)
@@ -125,6 +131,38 @@ class Method(nn.Module):
     def own_optimizers(self) -> dict[str, Any]:
         """Optimizers the method steps itself (e.g. an RL agent's Adam); checkpointed by the engine."""
         return {}
+
+    def image_edits(self, epoch: int) -> tuple[Tensor, Tensor, Tensor] | None:
+        """(targets, sources, rho) to mix into the in-memory training images for 1-based main `epoch`
+        only (image[t] = rho * image[s] + (1 - rho) * image[t]; ITKD's purification), or None."""
+        return None
+
+    # ---- the initialisation stage (RepDistiller --init_epochs: AB, FT, FSP, two-stage FitNet) ----
+    # A method with an `init_epochs` option > 0 gets that many epochs before the main ones, with
+    # its own SGD over `init_parameters` at the constant lr `init_lr`, minimising `init_terms`.
+    stage: str = "main"
+
+    def init_epochs(self) -> int:
+        return int(self.hp.get("init_epochs", 0))
+
+    def init_parameters(self, student: nn.Module) -> list[nn.Parameter]:
+        """What the init stage trains: by default the student's feature layers (all but the
+        classifier, RepDistiller's get_feat_modules) and the method's own trainable parameters."""
+        from kdcli.models.features import classifier_of
+
+        head = {id(p) for p in classifier_of(student).parameters()}
+        return [p for p in student.parameters() if id(p) not in head] + self.trainable_parameters()
+
+    def init_trains_student(self) -> bool:
+        """Whether the student runs in train mode (BN statistics update) during the init stage."""
+        return True
+
+    def init_lr(self, lr: float) -> float:
+        """The init stage's constant lr: the `init_lr` option when > 0, else the main lr."""
+        return float(self.hp.get("init_lr", 0.0)) or lr
+
+    def init_terms(self, s: Outputs, t: Outputs | None, batch: Batch) -> dict[str, Tensor]:
+        raise NotImplementedError(f"{self.name} has no initialisation stage")
 
 
 _REGISTRY: dict[str, type[Method]] = {}

@@ -62,8 +62,9 @@ ends is dropped (the code also discards it), so everything an exact resume needs
 boundary is in `state_dict()` (weights, the last two batch accuracies) and the four optimisers;
 a run stopped inside an epoch also checkpoints the waiting trajectory and the epoch's temperature
 sums (`running_state`), so that resuming replays the rest of the epoch exactly.
-Not implemented: the code's entropy-ranked mixup "purification" (`purify=true` raises an error),
-and syncing agents across processes (under DDP every process would run its own agent).
+`purify=true`: the code's entropy-ranked mixup "purification" of the training images, one epoch in
+every `purify_every` (20), see `kdcli.methods.purify`; off by default. Not implemented: syncing
+agents across processes (under DDP every process would run its own agent).
 Per epoch, metrics.jsonl gets `itkd_T_mean`, `itkd_T_std` (over all chosen temperatures) and
 `itkd_agent_updates` (trajectories the agent learned from).
 """
@@ -83,6 +84,7 @@ from kdcli.engine.distributed import average_parameter_gradients
 from kdcli.errors import KdError
 from kdcli.losses import dkd_loss, kd_loss
 from kdcli.methods.base import Method, Shapes, coerce, register
+from kdcli.methods.purify import Purifier
 from kdcli.models.features import Outputs
 
 REFERENCE_EPOCHS = 240  # the CIFAR-100 protocol the code's schedule constants are written for
@@ -278,7 +280,7 @@ class InstanceTemperatureKD(Method):
         "actor_lr": 1e-4, "critic_lr": 1e-3, "aux_lr": 1e-3, "max_grad_norm": 2.0,
         "redistribution_steps": 9, "detector_steps": 10, "detector_l1": 5e-3,
         "dkd_alpha": 1.0, "dkd_beta": 8.0, "dkd_warmup": 20,
-        "purify": False,
+        "purify": False, "purify_every": 20,
     }
 
     def __init__(self, student: Shapes, teacher: Shapes, num_samples: int, teacher_head=None, **hparams: Any):
@@ -305,6 +307,7 @@ class InstanceTemperatureKD(Method):
         self.schedule = {key: hp[key] for key in _SCALED_WITH_RUN}
         self._pending: Rollout | None = None
         self._reset_epoch_stats()
+        self.purifier = purifier_option(hp, num_samples)
 
     def _check_options(self) -> None:
         hp = self.hp
@@ -312,11 +315,6 @@ class InstanceTemperatureKD(Method):
             raise KdError(f"itkd variant={hp['variant']!r} is unknown", "use variant=intent (default) or variant=code")
         if hp["host"] not in _HOSTS:
             raise KdError(f"itkd host={hp['host']!r} is not supported", "use host=kd (default) or host=dkd")
-        if hp["purify"]:
-            raise KdError(
-                "itkd purify=true (the code's entropy-ranked mixup of training images) is not implemented",
-                "leave purify at its default, false",
-            )
         if hp["warmup"] < 1 or hp["rl_every"] < 1 or hp["dkd_warmup"] < 0:
             raise KdError(
                 f"itkd needs warmup >= 1, rl_every >= 1 and dkd_warmup >= 0 epochs, got warmup={hp['warmup']}, "
@@ -337,6 +335,9 @@ class InstanceTemperatureKD(Method):
 
     def own_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return dict(self._optimizers)
+
+    def image_edits(self, epoch: int):
+        return self.purifier.edits(epoch) if self.purifier is not None else None
 
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
         super().on_epoch_start(epoch, epochs)
@@ -399,6 +400,8 @@ class InstanceTemperatureKD(Method):
         n = batch.y.numel()
         student, teacher = s.logits[:n], t.logits[:n]
         temperatures = self.temperatures(student, teacher, batch.y)
+        if self.purifier is not None and self.training:
+            self.purifier.record(student, batch.index)
         terms: dict[str, Tensor] = {}
         if self.hp["ce"]:
             terms["ce"] = self.hp["ce"] * F.cross_entropy(student, batch.y)
@@ -520,3 +523,12 @@ class InstanceTemperatureKD(Method):
         if clipped is not None:
             nn.utils.clip_grad_norm_(clipped.parameters(), self.hp["max_grad_norm"])
         optimizer.step()
+
+
+def purifier_option(hp: dict, num_samples: int) -> Purifier | None:
+    """The `purify` option: ITKD's entropy-ranked mixup of the training images (kdcli.methods.purify)."""
+    if not hp["purify"]:
+        return None
+    if hp["purify_every"] < 1:
+        raise KdError(f"itkd needs purify_every >= 1, got {hp['purify_every']}", "e.g. --set purify_every=20")
+    return Purifier(num_samples, every=hp["purify_every"])
