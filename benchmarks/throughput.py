@@ -52,6 +52,7 @@ from kdcli import api
 from kdcli.config import build_config
 from kdcli.data import build_data
 from kdcli.data.registry import DataBundle
+from kdcli.engine import backend
 from kdcli.engine.precision import resolve_precision
 from kdcli.engine.trainer import EpochSums, Trainer
 from kdcli.methods import method_class
@@ -183,7 +184,8 @@ class KdRunner:
         if steps > self.num_batches:
             raise SystemExit(f"--steps {steps} exceeds the {self.num_batches} batches of an epoch; use fewer steps")
         self.epoch += 1
-        result = self.trainer._train_epoch(self.epoch, EpochSums(steps=self.num_batches - steps))
+        with backend.run_backend(self.precision):  # the switches Trainer.fit sets (TF32, cudnn.benchmark)
+            result = self.trainer._train_epoch(self.epoch, EpochSums(steps=self.num_batches - steps))
         return int(result["train_samples"])
 
 

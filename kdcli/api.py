@@ -143,6 +143,7 @@ def _run(
         precision=precision,
         fingerprint=config_fingerprint(run_dir.config.read_text()),
         compile=config.compile,
+        deterministic=config.deterministic,
         resume_command=f"kd {config.command}",
         world=world,
     )

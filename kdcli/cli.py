@@ -64,6 +64,7 @@ Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed (defaul
 Device = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 Precision = Annotated[Optional[str], typer.Option("--precision", help="auto (bf16 where the hardware is fast at it), fp32 or bf16.")]
 Compile = Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile student and teacher.")]
+Deterministic = Annotated[Optional[bool], typer.Option("--deterministic/--no-deterministic", help="Deterministic kernels only: bit-exact resume on GPUs, slower.")]
 Workers = Annotated[Optional[int], typer.Option("--workers", help="DataLoader workers for image folders.")]
 Out = Annotated[Optional[str], typer.Option("--out", "-o", help="Run folder (default runs/<name>-<time>).")]
 Preset = Annotated[Optional[str], typer.Option("--preset", help="Recipe from presets/NAME.toml (or a .toml path); flags override it.")]
@@ -155,7 +156,7 @@ def train(
     model: Annotated[Optional[str], typer.Argument(help="Network to train, e.g. resnet110 (see `kd list models`).")] = None,
     data: Data = None, data_dir: DataDir = None, download: Download = None, epochs: Epochs = None,
     batch_size: BatchSize = None, lr: Lr = None, seed: Seed = None, device: Device = None, val_split: ValSplit = None,
-    precision: Precision = None, compile_: Compile = None,
+    precision: Precision = None, compile_: Compile = None, deterministic: Deterministic = None,
     workers: Workers = None, out: Out = None, preset: Preset = None, resume: Resume = None,
     overwrite: Overwrite = False, json_out: Json = False, pretrained: Pretrained = None, nproc: Nproc = 1, sync_bn: SyncBn = None,
     optimizer: Optimizer = None, schedule: LrSchedule = None, warmup_epochs: WarmupEpochs = None, min_lr: MinLr = None,
@@ -168,7 +169,7 @@ def train(
     flags = dict(
         command="train", student=model, method="none", data=data, data_dir=data_dir, download=download, pretrained=pretrained,
         epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, workers=workers, out=out,
-        precision=precision, compile=compile_, sync_bn=sync_bn, val_split=val_split,
+        precision=precision, compile=compile_, sync_bn=sync_bn, val_split=val_split, deterministic=deterministic,
         **_recipe_flags(optimizer, schedule, warmup_epochs, min_lr, step_size, weight_decay, label_smoothing, clip_grad,
                         accumulate, ema, log),
     )
@@ -184,7 +185,7 @@ def distill(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Method option KEY=VALUE (repeatable), e.g. --set T=4.")] = None,
     data: Data = None, data_dir: DataDir = None, download: Download = None, epochs: Epochs = None,
     batch_size: BatchSize = None, lr: Lr = None, seed: Seed = None, device: Device = None, val_split: ValSplit = None,
-    precision: Precision = None, compile_: Compile = None,
+    precision: Precision = None, compile_: Compile = None, deterministic: Deterministic = None,
     workers: Workers = None, out: Out = None, preset: Preset = None, resume: Resume = None,
     overwrite: Overwrite = False, json_out: Json = False, pretrained: Pretrained = None, nproc: Nproc = 1, sync_bn: SyncBn = None,
     optimizer: Optimizer = None, schedule: LrSchedule = None, warmup_epochs: WarmupEpochs = None, min_lr: MinLr = None,
@@ -197,7 +198,7 @@ def distill(
         command="distill", teacher=teacher, student=student, method=method, teacher_arch=teacher_arch,
         options=parse_set_options(set_ or []) or None, data=data, data_dir=data_dir, download=download, pretrained=pretrained,
         epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, workers=workers, out=out,
-        precision=precision, compile=compile_, sync_bn=sync_bn, dot_delta=dot_delta, val_split=val_split,
+        precision=precision, compile=compile_, sync_bn=sync_bn, dot_delta=dot_delta, val_split=val_split, deterministic=deterministic,
         **_recipe_flags(optimizer, schedule, warmup_epochs, min_lr, step_size, weight_decay, label_smoothing, clip_grad,
                         accumulate, ema, log),
     )

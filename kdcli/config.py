@@ -64,8 +64,9 @@ class RunConfig:
     precision: str = "auto"  # auto: bf16 autocast where the hardware has fast bf16, else fp32
     channels_last: bool = True
     compile: bool = False
+    deterministic: bool = False  # deterministic kernels only (bit-exact GPU resume; slower)
     sync_bn: bool = False  # SyncBatchNorm across the processes of a DDP run (GPUs)
-    workers: int = 4
+    workers: int | None = None  # image-folder decoding workers; None: one per core, at most 8
     out: str | None = None
 
     def milestone_epochs(self) -> list[int]:
@@ -114,7 +115,8 @@ FIELD_KINDS = {
     "dot_delta": Float(0.0, 1.0),
     "seed": Int(0, 2**63 - 1),  # torch generators take 64 bits; the method's seed is seed + 1
     "device": Str(("auto", "cpu", "cuda"), pattern=r"cuda:\d{1,3}", shown="cuda:N"), "precision": Str(("auto", "fp32", "bf16")),
-    "channels_last": Bool(), "compile": Bool(), "sync_bn": Bool(), "workers": Int(0, 256), "out": Optional(Str()),
+    "channels_last": Bool(), "compile": Bool(), "sync_bn": Bool(), "deterministic": Bool(),
+    "workers": Optional(Int(0, 256)), "out": Optional(Str()),
 }
 assert FIELD_KINDS.keys() == FIELD_NAMES
 # Tables a preset may hold for one command only; RunConfig ignores them (`[compare]`: the grid of kd compare).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -34,6 +35,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def _no_host_reads():
+    def refuse(*args, **kwargs):
+        raise AssertionError("a host read (sync) inside the memory-bank update")
+
+    saved = {name: getattr(torch.Tensor, name) for name in ("item", "tolist", "__int__", "__bool__", "cpu")}
+    for name in saved:
+        setattr(torch.Tensor, name, refuse)
+    try:
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -45,7 +61,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     # Each rank updates its own samples with its own embeddings.
     index = torch.tensor([rank * 2, rank * 2 + 1])
     emb = torch.full((2, 4), float(rank + 1))
-    bank.update(index, emb, -emb)
+    with _no_host_reads():  # the bank's all-gathers never wait for the device (no .item(), int(), tolist())
+        bank.update(index, emb, -emb)
     z = bank.constant(0, lambda: torch.tensor(float(rank + 1)))
     net = torch.nn.Linear(3, 1)
     net(torch.full((1, 3), float(rank + 1))).sum().backward()

@@ -2,11 +2,13 @@
 
 import json
 import math
+import os
+import signal
 
 import pytest
 import torch
 
-from tests.conftest import LEARNED_TOP1
+from tests.conftest import LEARNED_TOP1, _Silent
 from kdcli.batch import Batch
 from kdcli.engine.checkpoint import load_state, save_state
 from kdcli.errors import KdError
@@ -283,3 +285,46 @@ def test_distill_digits_with_the_agent_acting_and_learning(distill_digits):
         assert 1.0 <= line["itkd_T_mean"] <= 10.0 and math.isfinite(line["itkd_T_std"]) and line["itkd_T_std"] > 0
         assert line["itkd_agent_updates"] > 0
     assert summary["top1"] > LEARNED_TOP1, summary
+
+
+class _CtrlCInEpoch2(_Silent):
+    """Presses Ctrl-C during step 4 of epoch 2 (the loop stops after it)."""
+
+    def step(self, epoch, step, *rest):
+        if (epoch, step) == (2, 4):
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_mid_epoch_stop_and_resume_in_a_learning_epoch_is_bit_exact(tmp_path):
+    """A Ctrl-C inside a learning epoch checkpoints the rollout still waiting for its reward (and the
+    epoch's temperature sums): the resumed run equals the uninterrupted one bit for bit."""
+    from kdcli import api
+    from kdcli.config import build_config
+    from kdcli.models import create_model
+    from kdcli.teachers import save_model
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    teacher = tmp_path / "teacher.safetensors"
+    save_model(teacher, create_model("resnet8", num_classes=4), arch="resnet8", num_classes=4, dataset="synthetic")
+
+    def config(out):
+        return build_config({"command": "distill", "teacher": str(teacher), "student": "resnet8", "method": "itkd",
+                             "options": {"warmup": 1, "rl_every": 1}, "data": "synthetic:classes=4,n=200,size=16",
+                             "epochs": 2, "batch_size": 16, "device": "cpu", "seed": 1, "out": str(out)})
+
+    api.run(config(tmp_path / "straight"), reporter=_Silent())
+    with pytest.raises(KdError, match="interrupted at step 4/"):
+        api.run(config(tmp_path / "stopped"), reporter=_CtrlCInEpoch2())
+    state = load_state(tmp_path / "stopped" / "checkpoints" / "last.safetensors")
+    assert state["partial"]["epoch"] == 2 and state["partial"]["method"]["pending"] is not None
+    api.resume(tmp_path / "stopped", reporter=_Silent())
+
+    got, expected = (load_file(tmp_path / run / "student.safetensors") for run in ("stopped", "straight"))
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+    measured = {"epoch_time_s", "images_per_s", "peak_memory_mb"}
+    lines = [[{k: v for k, v in json.loads(line).items() if k not in measured}
+              for line in open(tmp_path / run / "metrics.jsonl")] for run in ("stopped", "straight")]
+    assert lines[0] == lines[1] and lines[0][1]["itkd_agent_updates"] > 0

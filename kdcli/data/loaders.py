@@ -229,6 +229,11 @@ class FolderLoader:
             persistent_workers=num_workers > 0,
         )
 
+    @property
+    def batch_size(self) -> int:
+        """Samples in a full batch (the last one may hold fewer)."""
+        return self.loader.batch_size
+
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Make the next iteration epoch `epoch`'s batches, beginning at batch number `start` (resume)."""
         self.sampler.epoch = epoch

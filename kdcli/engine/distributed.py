@@ -67,19 +67,19 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
     return out
 
 
-def all_gather_cat(tensor: Tensor) -> Tensor:
-    """Concatenate every rank's tensor along dim 0 (ranks may hold different row counts)."""
+def all_gather_rows(tensor: Tensor) -> Tensor:
+    """Every rank's rows of `tensor`, concatenated in rank order along dim 0.
+
+    The ranks must hold the same shape, as the trainer guarantees under DDP (equal per-rank
+    batches, a partial last global batch dropped); nothing is read back to the host, so the
+    step does not wait for the collective to finish.
+    """
     if not enabled():
         return tensor
-    size = torch.tensor([tensor.shape[0]], device=tensor.device)
-    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, size)
-    longest = int(max(s.item() for s in sizes))
-    padded = tensor.new_zeros((longest, *tensor.shape[1:]))
-    padded[: tensor.shape[0]] = tensor
-    gathered = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(gathered, padded.contiguous())
-    return torch.cat([g[: int(s.item())] for g, s in zip(gathered, sizes)])
+    tensor = tensor.contiguous()
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor)
+    return torch.cat(gathered)
 
 
 def average_parameter_gradients(params) -> None:

@@ -46,15 +46,21 @@ def expected_calibration_error(confidences: Tensor, correct: Tensor, bins: int =
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader) -> Evaluation:
-    """One pass over `loader` (Batch items) in eval mode; the model's train/eval mode is restored."""
+def evaluate(model: nn.Module, loader, ragged: nn.Module | None = None) -> Evaluation:
+    """One pass over `loader` (Batch items) in eval mode; the model's train/eval mode is restored.
+
+    `ragged`: the same network uncompiled, for a batch smaller than the loader's full batches, so
+    that a compiled `model` only ever sees one shape (engine.capture).
+    """
+    full = getattr(loader, "batch_size", None)
     was_training = model.training
     model.eval()
     correct1 = correct5 = nll = None
     predictions, confidences, hits1 = [], [], []
     count = 0
     for batch in loader:
-        logits = model(batch.x).float()
+        net = model if ragged is None or batch.y.numel() == full else ragged
+        logits = net(batch.x).float()
         k = min(5, logits.shape[1])
         topk = logits.topk(k, dim=1).indices
         hits = topk == batch.y.unsqueeze(1)

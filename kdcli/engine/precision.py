@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 
 import torch
@@ -71,3 +72,26 @@ def _fp32_subclass(linear: type[nn.Linear]) -> type[nn.Linear]:
         return linear
     forward = full_precision(linear.forward)  # the losses' wrapper: autocast off, bf16 inputs promoted
     return type(f"Fp32{linear.__name__}", (linear,), {"forward": forward, "fp32_under_autocast": True})
+
+
+_MATMUL_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def frozen_bf16_copy(model: nn.Module) -> nn.Module:
+    """A copy of the frozen `model` whose conv and linear weights are stored in bf16, to run under
+    bf16 autocast without autocast re-casting every weight on every step.
+
+    The cast rounds exactly as autocast's per-step cast does, so the outputs are autocast's. Kept
+    in fp32: the final classifier (see `classifier_in_fp32`) and normalisation layers, whose kernels
+    take bf16 inputs with fp32 parameters as autocast gives them. The original stays fp32 (it is
+    what evaluation and the saved teacher use).
+    """
+    copied = copy.deepcopy(model)
+    try:
+        head = classifier_of(copied)
+    except KdError:
+        head = None
+    for module in copied.modules():
+        if isinstance(module, _MATMUL_LAYERS) and module is not head:
+            module.to(torch.bfloat16)
+    return copied

@@ -7,6 +7,10 @@ optimizer by name, and the gradient step with accumulation, clipping, the per-st
 update). Evaluation, metrics, checkpoints and progress happen once per epoch. Losses are accumulated on the device and read back
 only every `log_every` steps, so the step itself never waits for the host.
 
+Backend switches (TF32, cudnn.benchmark, --deterministic) hold for the duration of `fit`
+(engine.backend). With --compile, compiled graphs see one batch shape; the ragged last batch runs
+the uncompiled modules (engine.capture). Under bf16 the step's teacher is a bf16 copy of it.
+
 Under torchrun the student (and the method's trainable heads) run in DistributedDataParallel,
 each rank trains on its share of every global batch, training sums are all-reduced, evaluation runs
 on every rank's identical model, and only rank 0 writes files.
@@ -29,10 +33,11 @@ from torch import Tensor, nn
 
 from kdcli import __version__
 from kdcli.batch import Batch
-from kdcli.engine import distributed
+from kdcli.engine import backend, capture, distributed
 from kdcli.engine.checkpoint import load_resume_state, restoring, rng_state, save_state, set_rng_state
 from kdcli.engine.evaluate import Evaluation, evaluate
-from kdcli.engine.precision import autocast, classifier_in_fp32
+from kdcli.engine.memory import peak_memory_mb, reset_peak_memory
+from kdcli.engine.precision import autocast, classifier_in_fp32, frozen_bf16_copy
 from kdcli.engine.rundir import RunDir
 from kdcli.engine.ema import ModelEma
 from kdcli.engine.optim import GradientStep, OptimizerSettings, build_optimizer
@@ -177,6 +182,7 @@ class Trainer:
         precision: str = "fp32",
         fingerprint: str = "",
         compile: bool = False,
+        deterministic: bool = False,
         resume_command: str = "kd distill",
         world: distributed.World = distributed.World(),
     ):
@@ -194,16 +200,30 @@ class Trainer:
         self.fingerprint = fingerprint  # of config.toml: a resume must continue the same run
         self.resume_command = resume_command
         self.world = world
+        self.deterministic = deterministic
+        if self.teacher is not None:
+            self.teacher.eval()
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
         if precision == "bf16":
             for model in (student, self.teacher):
                 if model is not None:
                     classifier_in_fp32(model)
         # Compiled graphs run the forward passes; the plain modules own the weights that are saved.
         # Evaluation uses the unwrapped student: a DDP forward would wait for the other ranks.
-        self.eval_fn = torch.compile(student) if compile else student
-        self.student_fn = distributed.wrap(self.eval_fn, world, device)
+        # `*_eager` run the ragged last batch, so compiled graphs keep one shape (engine.capture).
+        self.student_eager = distributed.wrap(student, world, device)
         self.method_fn = distributed.wrap(method, world, device, heads=True)
-        self.teacher_fn = torch.compile(self.teacher) if compile and self.teacher is not None else self.teacher
+        # The step's teacher: under bf16 a copy with bf16 weights (cast once, not by autocast every step).
+        stepped = frozen_bf16_copy(self.teacher) if precision == "bf16" and self.teacher is not None else self.teacher
+        self.teacher_eager = stepped
+        self.rows = capture.rows_of(train_loader)
+        if compile:
+            self.student_fn = capture.compiled(self.student_eager, device)
+            self.eval_fn = capture.compiled(capture.StudentEval(student), device)
+            self.teacher_fn = None if stepped is None else capture.compiled(capture.TeacherStep(stepped), device)
+        else:
+            self.student_fn, self.eval_fn, self.teacher_fn = self.student_eager, student, stepped
         # One optimizer and schedule for the student and the method's heads (kdcli.engine.optim).
         self.optimizer = build_optimizer(schedule.optimizer_settings(), student, method.trainable_parameters(), device)
         self.lr_schedule = schedule.lr_schedule(len(train_loader))
@@ -213,22 +233,22 @@ class Trainer:
             after_step=(lambda: self.ema.update(self.student)) if self.ema is not None else None,
         )
         # init stage (if any), then main
-        self.stages = Stages(method, student, schedule, self.optimizer, wrapped=(self.student_fn, self.method_fn))
+        self.stages = Stages(method, student, schedule, self.optimizer, wrapped=(self.student_eager, self.method_fn))  # the DDP modules themselves
         self.active_optimizer = self.optimizer
         self.best_top1 = -1.0
         self.best_epoch = 0
         self.teacher_eval: Evaluation | None = None
         self.stop = StopRequest(self._note_stop)
-        if self.teacher is not None:
-            self.teacher.eval()
-            for p in self.teacher.parameters():
-                p.requires_grad_(False)
 
     # ---- the loop -------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict[str, Any]:
+        with backend.run_backend(self.precision, self.deterministic):
+            return self._fit(resume)
+
+    def _fit(self, resume: bool) -> dict[str, Any]:
         completed, partial = self._restore() if resume else (0, None)
         if self.teacher is not None:
-            self.teacher_eval = evaluate(self.teacher_fn, self.val_loader)
+            self.teacher_eval = evaluate(self.teacher, self.val_loader)  # fp32, as kd eval measures it
         metrics: dict[str, Any] = {}
         try:
             with self.stop:  # before the header line: once it is printed, Ctrl-C saves a checkpoint
@@ -242,13 +262,16 @@ class Trainer:
 
     def _epoch(self, epoch: int, partial: dict[str, Any] | None) -> dict[str, Any]:
         stage, lr, self.active_optimizer = self.stages.begin(epoch)
+        if partial and partial.get("method") is not None:
+            self.method.load_running_state(partial["method"])
         if stage.name == "main":
             lr = self.lr_schedule.epoch_lr(stage.epoch)  # the lr of the epoch's first step (GradientStep sets every step's)
         started = time.perf_counter()
+        reset_peak_memory(self.device)  # the epoch's own peak: not the teacher's evaluation, not earlier runs
         sums = EpochSums.from_state(partial["sums"], self.device) if partial else EpochSums()
         with edited_images(self.train_loader, self.stages.image_edits(stage)):
             train = self._train_epoch(epoch, sums)
-        val = evaluate(self.eval_fn, self.val_loader)
+        val = evaluate(self.eval_fn, self.val_loader, ragged=self.student)
         if stage.name == "main" and val.top1 > self.best_top1:
             self.best_top1, self.best_epoch = val.top1, epoch
             if self.world.is_main:
@@ -308,7 +331,9 @@ class Trainer:
                 if not all(math.isfinite(v) for v in unchecked.values()):
                     self._diverged(epoch, step, unchecked)  # never checkpoint a diverged state
                 sums.seconds += time.perf_counter() - started
-                self._save_checkpoint(epoch - 1, partial={"epoch": epoch, "sums": self._rank_mean(sums).state()})
+                self._save_checkpoint(epoch - 1, partial={
+                    "epoch": epoch, "sums": self._rank_mean(sums).state(), "method": self.method.running_state(),
+                })
                 raise Stopped(
                     f"interrupted at step {step}/{total} of epoch {epoch}; a resumable checkpoint is saved",
                     f"resume with: {self.resume_command} --resume {self.run.path}",
@@ -347,13 +372,16 @@ class Trainer:
 
     def _step(self, batch: Batch, epoch: int, step: int, total: int) -> tuple[dict[str, Tensor], Tensor]:
         needs = self.method.needs
+        full = self.rows is None or batch.y.numel() == self.rows
+        capture.step_begins(self.device, full and self.student_fn is not self.student_eager)
+        teacher_fn, student_fn = (self.teacher_fn, self.student_fn) if full else (self.teacher_eager, self.student_eager)
         with autocast(self.device, self.precision):
             t_out = None
             if self.teacher is not None:
-                with torch.inference_mode(), teacher_mode(self.teacher, needs):
-                    t_out = run_network(self.teacher_fn, batch, teacher_needs(needs))
+                with torch.inference_mode(), teacher_mode(self.teacher_eager, needs):
+                    t_out = run_network(teacher_fn, batch, teacher_needs(needs))
                 t_out = _as_normal_tensors(t_out)
-            s_out = run_network(self.student_fn, batch, needs)
+            s_out = run_network(student_fn, batch, needs)
             terms = self.method_fn(s_out, t_out, batch)
         if self.active_optimizer is self.optimizer:  # main stage: the run's schedule, accumulation, clipping, EMA
             self.gradient_step(terms, self.stages.current.epoch, step, total)
@@ -440,15 +468,6 @@ class Trainer:
         self.best_top1, self.best_epoch = state["best_top1"], state["best_epoch"]
         self.run.truncate_metrics(state["epoch"])
         return int(state["epoch"]), partial
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory so far: CUDA allocations on a GPU, the process's peak resident size on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _correct(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:

@@ -130,6 +130,14 @@ class Method(nn.Module):
         """Extra per-epoch values for metrics.jsonl (e.g. mean chosen temperature); read at epoch end."""
         return {}
 
+    def running_state(self) -> dict[str, Any]:
+        """State that lives only inside an epoch (e.g. a rollout waiting for its reward, per-epoch sums):
+        tensors, numbers, lists and dicts; checkpointed when a run stops mid-epoch."""
+        return {}
+
+    def load_running_state(self, state: dict[str, Any]) -> None:
+        """Restore `running_state()` after `on_epoch_start` of the resumed epoch."""
+
     def own_optimizers(self) -> dict[str, Any]:
         """Optimizers the method steps itself (e.g. an RL agent's Adam); checkpointed by the engine."""
         return {}

@@ -59,7 +59,9 @@ built from `kdcli.losses.dkd_loss` here, independent of the `dkd` method.
 
 Rollout state: a trajectory waits one step for its reward; the one still waiting when an epoch
 ends is dropped (the code also discards it), so everything an exact resume needs at an epoch
-boundary is in `state_dict()` (weights, the last two batch accuracies) and the four optimisers.
+boundary is in `state_dict()` (weights, the last two batch accuracies) and the four optimisers;
+a run stopped inside an epoch also checkpoints the waiting trajectory and the epoch's temperature
+sums (`running_state`), so that resuming replays the rest of the epoch exactly.
 `purify=true`: the code's entropy-ranked mixup "purification" of the training images, one epoch in
 every `purify_every` (20), see `kdcli.methods.purify`; off by default. Not implemented: syncing
 agents across processes (under DDP every process would run its own agent).
@@ -365,6 +367,23 @@ class InstanceTemperatureKD(Method):
             "itkd_T_std": math.sqrt(variance),
             "itkd_agent_updates": float(self._updates),
         }
+
+    def running_state(self) -> dict[str, Any]:
+        """The rollout waiting for its reward and the epoch's temperature sums: what a mid-epoch
+        resume needs to replay the rest of a learning epoch exactly."""
+        pending = None if self._pending is None else {
+            name: getattr(self._pending, name) for name in Rollout.__dataclass_fields__
+        }
+        return {"pending": pending, "t_sum": self._t_sum, "t_sq": self._t_sq,
+                "t_count": self._t_count, "updates": self._updates}
+
+    def load_running_state(self, state: dict[str, Any]) -> None:
+        device = self.recent_accuracy.device
+        moved = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in state.items() if k != "pending"}
+        pending = state["pending"]
+        self._pending = None if pending is None else Rollout(**{k: v.to(device) for k, v in pending.items()})
+        self._t_sum, self._t_sq = moved["t_sum"], moved["t_sq"]
+        self._t_count, self._updates = int(moved["t_count"]), int(moved["updates"])
 
     def _reset_epoch_stats(self) -> None:
         # sums of (T - base T) and its square: small numbers, so float32 keeps the std accurate

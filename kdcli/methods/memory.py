@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdcli.engine.distributed import all_gather_cat, all_reduce_sum, world_size
+from kdcli.engine.distributed import all_gather_rows, all_reduce_sum, world_size
 
 NCE_EPS = 1e-7  # the reference's eps inside the NCE log-ratios
 
@@ -64,9 +64,12 @@ class ContrastMemory(nn.Module):
         """Momentum update of the rows at `index`, then re-normalisation to unit length.
 
         The only writer of the banks. Under DDP every rank applies every rank's rows, so the banks
-        stay identical without being broadcast.
+        stay identical without being broadcast; every rank passes the same number of rows.
         """
-        index, student_emb, teacher_emb = (all_gather_cat(t.detach()) for t in (index, student_emb, teacher_emb))
+        # Two collectives (the indices, both embeddings side by side), no host sync.
+        index = all_gather_rows(index)
+        both = all_gather_rows(torch.stack((student_emb.detach(), teacher_emb.detach().to(student_emb.dtype)), dim=1))
+        student_emb, teacher_emb = both.unbind(dim=1)
         for bank, emb in ((self.student, student_emb), (self.teacher, teacher_emb)):
             rows = bank[index].mul_(self.momentum).add_(emb.detach().to(bank.dtype), alpha=1 - self.momentum)
             bank.index_copy_(0, index, F.normalize(rows, dim=1))

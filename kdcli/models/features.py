@@ -222,11 +222,13 @@ def _as_map(model: nn.Module, feature: Tensor) -> Tensor:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside DDP / DataParallel / torch.compile wrappers."""
+    """The user's module inside DDP / DataParallel / torch.compile / compile-role wrappers."""
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
         elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
             model = model._orig_mod
+        elif isinstance(getattr(model, "role_of", None), nn.Module):  # kdcli.engine.capture roles
+            model = model.role_of
         else:
             return model

@@ -15,6 +15,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from kdcli.engine.backend import strict_fp32
 from kdcli.errors import KdError
 from kdcli.models.features import Outputs, forward_outputs
 
@@ -25,8 +26,15 @@ def fold_batchnorm(model: nn.Module, x: Tensor, preact: bool = False) -> tuple[n
 
     Returns `model` itself (and 0) when there is nothing to fold or the folded copy's outputs
     (logits, features with `preact`, embedding) on the sample batch `x` differ from the original's.
+    Both passes run in strict fp32 (TF32 off): TF32's rounding alone would fail the check of a
+    correct fold on a GPU and silently leave the teacher unfolded.
     """
     model.eval()
+    with strict_fp32():
+        return _fold_checked(model, x, preact)
+
+
+def _fold_checked(model: nn.Module, x: Tensor, preact: bool) -> tuple[nn.Module, int]:
     before = _outputs(model, x, preact)
     folded = copy.deepcopy(model)
     pairs = _conv_bn_pairs(folded, x)
