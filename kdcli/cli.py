@@ -258,12 +258,13 @@ def export_(
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="File to write (default: beside the weights, .pt or .onnx).")] = None,
     batch_size: Annotated[str, typer.Option("--batch-size", "-b", help="dynamic, or a fixed batch size baked into the file.")] = "dynamic",
     input_size: Annotated[Optional[str], typer.Option("--input-size", help="C,H,W for weights that do not record it, e.g. 3,32,32.")] = None,
+    arch: Annotated[Optional[str], typer.Option("--arch", help="The network's architecture; needed again for your own pkg.module:factory networks.")] = None,
     json_out: Json = False,
 ) -> None:
     """Export a trained network for deployment, with its input normalisation as metadata, checked numerically against PyTorch."""
     from kdcli.export import export
 
-    result = export(source, format_, out, batch_size, input_size).summary()
+    result = export(source, format_, out, batch_size, input_size, arch=arch).summary()
     if json_out:
         print_json(result)
         return

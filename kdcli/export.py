@@ -56,7 +56,7 @@ def weights_of(source: str) -> Path:
 
 def export(
     source: str, format: str = "torchscript", out: str | None = None, batch_size: str = "dynamic",
-    input_size: str | None = None,
+    input_size: str | None = None, arch: str | None = None,
 ) -> Exported:
     """Export the network in `source` (run folder or weights) to `format`; returns where and how close it is."""
     from kdcli.api import load_network  # the one way kd reads a weights file
@@ -65,7 +65,7 @@ def export(
         raise KdError(f"--format {format!r} is unknown", "use onnx or torchscript")
     dynamic, batch = _batch(batch_size)
     weights = weights_of(source)
-    model, metadata = load_network(str(weights), metadata_data(weights), None)
+    model, metadata = load_network(str(weights), metadata_data(weights), None, arch=arch)
     model.eval()
     shape = _input_shape(metadata, input_size)
     recorded = _recorded(metadata, shape)

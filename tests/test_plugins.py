@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from kdcli import plugins
 from kdcli.data import build_data
 from kdcli.errors import KdError
 from kdcli.teachers import load_model_file, read_metadata, save_model
-from tests.conftest import MEASURED_FIELDS, TINY_DATA, _Silent
+from tests.conftest import assert_clean_error, MEASURED_FIELDS, TINY_DATA, _Silent
 from tests.plugin_models import FlatNet, StageNet, ToyImages
 
 FAST = dict(device="cpu", workers=0, batch_size=32, precision="fp32")
@@ -55,7 +56,7 @@ def test_api_train_on_a_custom_dataset_writes_the_cli_run_folder(api_teacher):
     assert [float(v) for v in meta["mean"].split(",")] == pytest.approx(expected_mean.tolist(), abs=1e-4)
     assert [float(v) for v in meta["std"].split(",")] == pytest.approx(expected_std.tolist(), abs=1e-4)
     # the object was trained in place: it is the saved network
-    saved, _ = load_model_file(run / "model.safetensors")
+    saved, _ = load_model_file(run / "model.safetensors", arch=meta["arch"])  # the user's code, named again
     for key, value in model.state_dict().items():
         assert torch.equal(value.cpu(), saved.state_dict()[key])
 
@@ -81,7 +82,7 @@ def test_api_takes_dataloaders_and_weights_paths(api_teacher, tmp_path):
     train, val = toy()
     loaders = (DataLoader(train, batch_size=16, shuffle=True), DataLoader(val, batch_size=16))
     summary = kdcli.distill(trained["weights"], "tests.plugin_models:factory", loaders, epochs=1, out=tmp_path / "run",
-                            device="cpu", workers=0, precision="fp32")
+                            device="cpu", workers=0, precision="fp32", teacher_arch=read_metadata(Path(trained["weights"]))["arch"])
     assert 'batch_size = 16' in (tmp_path / "run" / "config.toml").read_text()
     assert read_metadata(Path(summary["weights"]))["arch"] == "tests.plugin_models:factory"
 
@@ -144,7 +145,8 @@ def test_cli_plugin_teacher_and_student_round_trip(kd, tmp_path):
         assert result.code == 0, result.stderr
         summary = json.loads(result.stdout)
         assert summary["student"] == "tests.plugin_models:factory" and summary["teacher_top1"] is not None
-        evaluated = kd("eval", out / "student.safetensors", "--no-timing", "--workers", "0", "--json")
+        evaluated = kd("eval", out / "student.safetensors", "--arch", "tests.plugin_models:factory", "--no-timing",
+                       "--workers", "0", "--json")
         assert evaluated.code == 0, evaluated.stderr
         assert json.loads(evaluated.stdout)["top1"] == pytest.approx(summary["top1"])
 
@@ -238,6 +240,31 @@ def test_cli_val_split_trains_on_a_folder_without_val(kd, tmp_path):
     assert missing.code == 2 and "--val-split" in missing.stderr
 
 
+def test_a_weights_file_never_chooses_the_code_kd_imports(kd, tmp_path, monkeypatch):
+    """A plug-in architecture named only in a file's metadata is refused; named again by the user, it loads."""
+    marker = tmp_path / "imported"
+    (tmp_path / "nets.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\nfrom tests.plugin_models import factory\n"
+    )
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent))
+    spec = f"{tmp_path / 'nets.py'}:factory"
+    assert kd("train", spec, "--data", TINY_DATA, "--epochs", "1", "--device", "cpu", "--out", tmp_path / "run").code == 0
+    marker.unlink()
+    for name in [n for n in sys.modules if n.startswith("kdcli_user_")]:
+        del sys.modules[name]  # as in a new kd process: nothing of nets.py is loaded
+    weights = tmp_path / "run" / "model.safetensors"
+    for args in (["eval", weights, "--no-timing"], ["export", weights], ["distill", "--teacher", weights, "--student",
+                                                                          "resnet8", "--data", TINY_DATA, "--out", tmp_path / "d"]):
+        assert_clean_error(kd(*args), "plug-in architecture", spec)
+        assert not marker.exists()  # refused before anything was imported
+    result = kd("eval", weights, "--arch", spec, "--no-timing", "--json")
+    assert result.code == 0, result.stderr
+    assert marker.exists()
+
+
+PLUGIN_ARCH = ["--arch", "tests.plugin_models:factory"]
+
+
 # ---- kd export -----------------------------------------------------------------------------
 
 
@@ -252,7 +279,7 @@ def student_run(tmp_path_factory):
 def test_export_torchscript_matches_pytorch_and_records_normalisation(kd, student_run, tmp_path):
     from kdcli.export import read_torchscript_metadata
 
-    result = kd("export", student_run, "--out", tmp_path / "net.pt", "--json")
+    result = kd("export", student_run, *PLUGIN_ARCH, "--out", tmp_path / "net.pt", "--json")
     assert result.code == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["checked_with"] == "torch.jit" and report["max_abs_diff"] <= 1e-5
@@ -260,7 +287,7 @@ def test_export_torchscript_matches_pytorch_and_records_normalisation(kd, studen
     weights_meta = read_metadata(student_run / "model.safetensors")
     assert meta["mean"] == weights_meta["mean"] and meta["std"] == weights_meta["std"] and meta["input_shape"] == "3,16,16"
     # the file alone reproduces the network, at a batch size the trace never saw
-    model, _ = load_model_file(student_run / "model.safetensors")
+    model, _ = load_model_file(student_run / "model.safetensors", arch="tests.plugin_models:factory")
     x = torch.randn(5, 3, 16, 16)
     with torch.no_grad():
         assert (torch.jit.load(str(tmp_path / "net.pt"))(x) - model.eval()(x)).abs().max() <= 1e-5
@@ -269,13 +296,13 @@ def test_export_torchscript_matches_pytorch_and_records_normalisation(kd, studen
 def test_export_onnx_matches_pytorch(kd, student_run, tmp_path):
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    result = kd("export", student_run, "--format", "onnx", "--out", tmp_path / "net.onnx", "--json")
+    result = kd("export", student_run, *PLUGIN_ARCH, "--format", "onnx", "--out", tmp_path / "net.onnx", "--json")
     assert result.code == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["checked_with"] == "onnxruntime" and report["max_abs_diff"] <= 1e-4
     props = {p.key: p.value for p in onnx.load(str(tmp_path / "net.onnx")).metadata_props}
     assert props["mean"] == read_metadata(student_run / "model.safetensors")["mean"] and props["output"].startswith("logits")
-    fixed = kd("export", student_run, "--format", "onnx", "--batch-size", "4", "--out", tmp_path / "b4.onnx", "--json")
+    fixed = kd("export", student_run, *PLUGIN_ARCH, "--format", "onnx", "--batch-size", "4", "--out", tmp_path / "b4.onnx", "--json")
     assert fixed.code == 0, fixed.stderr
 
 
@@ -283,7 +310,7 @@ def test_export_refuses_what_cannot_be_exported(kd, tmp_path):
     weights = tmp_path / "dict.safetensors"
     save_model(weights, plugins.build_model("tests.plugin_models:dict_factory", 4), arch="tests.plugin_models:dict_factory",
                num_classes=4, input_shape="3,16,16", mean="0.5,0.5,0.5", std="0.25,0.25,0.25")
-    result = kd("export", weights)
+    result = kd("export", weights, "--arch", "tests.plugin_models:dict_factory")
     assert result.code == 2 and "cannot be exported to torchscript" in result.stderr and "Traceback" not in result.stderr
     assert kd("export", tmp_path / "nothing").code == 2
     assert "use onnx or torchscript" in kd("export", weights, "--format", "tflite").stderr

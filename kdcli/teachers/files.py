@@ -88,6 +88,22 @@ def _metadata_int(metadata: dict[str, str], key: str, source, low: int, high: in
     return value
 
 
+def _trusted_arch(arch: str, path: Path, trusted: bool) -> str:
+    """The architecture a file's metadata names; a plug-in one (user code) only when the user names it too.
+
+    Building `pkg.module:factory` imports and runs that code: a weights file from elsewhere must not
+    choose what runs, so such a file loads only with the spec given again on the command line.
+    """
+    from kdcli import plugins
+
+    if trusted or not plugins.is_plugin_spec(arch):
+        return arch
+    raise KdError(
+        f"{path} was made with the plug-in architecture {arch}, and kd imports user code only when you name it",
+        f"if you trust that code, pass it again: --arch {arch} (kd eval, kd export) or --teacher-arch {arch} (kd distill)",
+    )
+
+
 def read_metadata(path: Path) -> dict[str, str]:
     """The metadata of a kd safetensors file; a clear error for anything else."""
     try:
@@ -102,12 +118,13 @@ def read_metadata(path: Path) -> dict[str, str]:
 
 
 def load_model_file(
-    path: str | Path, arch: str | None = None, num_classes: int | None = None
+    path: str | Path, arch: str | None = None, num_classes: int | None = None, trusted: bool = False
 ) -> tuple[nn.Module, dict[str, str]]:
     """Build the network a weights file describes and load it strictly.
 
     arch: needed for `.pth` files unless the parent folder is RepDistiller's `<arch>_vanilla`.
     num_classes: the class count the caller needs; a file with another count is refused.
+    trusted: the file is kd's own (the teacher store), so a plug-in architecture it names may be imported.
     """
     path = Path(path)
     if not path.is_file():
@@ -124,7 +141,7 @@ def load_model_file(
                 f"{path} was not written by kd (no arch in its metadata)",
                 "pass a student.safetensors/model.safetensors from a kd run, or a RepDistiller .pth with --arch",
             )
-        arch = arch or metadata["arch"]
+        arch = arch or _trusted_arch(metadata["arch"], path, trusted)
         file_classes = _metadata_int(metadata, "num_classes", path, 1, 1_000_000)
         _check_classes(path, file_classes, num_classes)
         model = create_model(arch, num_classes=file_classes)

@@ -40,7 +40,7 @@ def load_network(
         release.fetch([spec])
         stored = find_teacher(spec, data)
     if stored is not None:
-        return load_model_file(stored, num_classes=num_classes)
+        return load_model_file(stored, num_classes=num_classes, trusted=True)  # the store holds kd's own files
     external = is_external(spec)
     if pretrained and external:
         return _pretrained_network(spec, num_classes)
