@@ -147,7 +147,7 @@ def write_outputs(result: dict[str, Any], folder: Path) -> None:
         _write(folder / "compare.md", to_markdown(result["rows"], result.get("failed", [])))
         if not plot(result["rows"], folder / "compare.png"):
             files["png"] = None
-            stderr.print("note: matplotlib is not installed, so no compare.png (pip install 'kdcli[plot]')", markup=False)
+            stderr.print("note: matplotlib is not installed, so no compare.png (pip install 'kdcli[plot]')", markup=False, soft_wrap=True)
         result["files"] = files
         _write(folder / "compare.json", json.dumps(result, indent=2, default=str) + "\n")
     except OSError as exc:

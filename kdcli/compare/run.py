@@ -66,14 +66,14 @@ def _report_failure(job: Job, message: str, hint: str | None) -> None:
     stderr.print(f"error: {job.name}: {message}", markup=False, soft_wrap=True)
     if hint:
         stderr.print(f"hint: {hint}", markup=False, soft_wrap=True)
-    stderr.print("kd compare goes on with the other runs", markup=False)
+    stderr.print("kd compare goes on with the other runs", markup=False, soft_wrap=True)
 
 
 def _in_process(plan: Plan, todo: list[Job], states: dict[str, str], runner: Runner, reporter) -> list[dict[str, Any]]:
     failed = []
     for number, job in enumerate(todo, start=1):
         resuming = states[job.name] == "partial"
-        stderr.print(f"[{number}/{len(todo)}] {job.name}{' (resuming)' if resuming else ''}", markup=False)
+        stderr.print(f"[{number}/{len(todo)}] {job.name}{' (resuming)' if resuming else ''}", markup=False, soft_wrap=True)
         try:
             if resuming:
                 runner.resume(Path(job.config.out), reporter)

@@ -106,5 +106,5 @@ def _stream(response, part: Path, offset: int, total: int | None, max_bytes: int
         out.flush()
         os.fsync(out.fileno())
     seconds = max(time.monotonic() - started, 1e-6)
-    stderr.print(f"downloaded {name}: {received / 1e6:.1f} MB ({(received - offset) / 1e6 / seconds:.1f} MB/s)", markup=False)
+    stderr.print(f"downloaded {name}: {received / 1e6:.1f} MB ({(received - offset) / 1e6 / seconds:.1f} MB/s)", markup=False, soft_wrap=True)
     return received
