@@ -123,6 +123,15 @@ class _Silent:
     def finish(self): ...
 
 
+class Crash(Exception):
+    """What CrashAfterFirstEpoch raises: a run that dies right after its first epoch was saved."""
+
+
+class CrashAfterFirstEpoch(_Silent):
+    def epoch_end(self, metrics):
+        raise Crash
+
+
 # Top-1 (%) a short digits run must beat to count as having learned: chance is 10 %, and the
 # 3-epoch runs below reach 60-75 % with every method (1-epoch runs are too noisy to judge: BatchNorm
 # running statistics lag the weights after ~20 steps at lr 0.05).

@@ -27,7 +27,7 @@ from kdcli.models import create_model
 from kdcli.models.features import forward_outputs
 from kdcli.models.prerelu import stage_bns
 from kdcli.teachers import save_model
-from tests.conftest import LEARNED_TOP1, MEASURED_FIELDS, TINY_DATA
+from tests.conftest import Crash, CrashAfterFirstEpoch, LEARNED_TOP1, MEASURED_FIELDS, TINY_DATA
 
 NEW = ["cc", "vid", "ab", "ft", "fsp", "nst", "ofd", "reviewkd", "kdsvd", "dist"]
 STAGED = {"ab", "ft", "fsp"}
@@ -354,18 +354,8 @@ def test_dot_run_resumes_exactly(tiny_teacher, tmp_path):
     layers = {**_staged_layers(tiny_teacher, "kd", {}), "optimizer": "dot", "epochs": 2}
     straight = api.run(build_config(layers, {"out": str(tmp_path / "straight")}))
 
-    class Crash(Exception):
-        pass
-
-    class StopAfterFirst:
-        def start(self, *a): ...
-        def step(self, *a, **k): ...
-        def finish(self): ...
-        def epoch_end(self, metrics):
-            raise Crash
-
     with pytest.raises(Crash):
-        api.run(build_config(layers, {"out": str(tmp_path / "resumed")}), reporter=StopAfterFirst())
+        api.run(build_config(layers, {"out": str(tmp_path / "resumed")}), reporter=CrashAfterFirstEpoch())
     state = load_state(tmp_path / "resumed" / "checkpoints" / "last.safetensors")
     assert any("momentum_kd_buffer" in s for s in state["optimizer"]["state"].values())
     assert api.resume(tmp_path / "resumed")["top1"] == straight["top1"]

@@ -14,7 +14,7 @@ from kdcli.errors import KdError
 from kdcli.methods.purify import Purifier
 from kdcli.models import create_model
 from kdcli.teachers import save_model
-from tests.conftest import MEASURED_FIELDS, TINY_DATA
+from tests.conftest import Crash, CrashAfterFirstEpoch, MEASURED_FIELDS, TINY_DATA
 
 
 def _recorded(n=20, every=2):
@@ -79,18 +79,8 @@ def test_itkd_with_purification_runs_and_resumes_exactly(tmp_path):
               "epochs": 2, "batch_size": 32, "device": "cpu", "seed": 1}
     straight = api.run(build_config(layers, {"out": str(tmp_path / "straight")}))
 
-    class Crash(Exception):
-        pass
-
-    class StopAfterFirst:
-        def start(self, *a): ...
-        def step(self, *a, **k): ...
-        def finish(self): ...
-        def epoch_end(self, metrics):
-            raise Crash
-
     with pytest.raises(Crash):
-        api.run(build_config(layers, {"out": str(tmp_path / "resumed")}), reporter=StopAfterFirst())
+        api.run(build_config(layers, {"out": str(tmp_path / "resumed")}), reporter=CrashAfterFirstEpoch())
     assert api.resume(tmp_path / "resumed")["top1"] == straight["top1"]
 
     def metrics(run):

@@ -10,12 +10,20 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
 from tests.conftest import TINY_DATA
 from tests.terminal import run_in_terminal
 
 # 128 training images in 32 steps of 4: the trainer reads the loss at step 20 (its log interval) and
 # at step 32, and the display redraws at each, so frames "20/32" and "32/32" must both appear.
 TERMINAL_RUN = ["--data", TINY_DATA, "--epochs", "2", "--batch-size", "4", "--device", "cpu"]
+
+
+@pytest.fixture
+def stored_teacher(kd, tmp_path):
+    """A resnet8 for TINY_DATA in the test's teacher store, so `--teacher resnet8` finds it by name."""
+    assert kd("train", "resnet8", "--data", TINY_DATA, "--epochs", "1", "--device", "cpu", "--out", tmp_path / "t").code == 0
 
 
 def assert_live_progress(screen, epochs: int = 2, steps: int = 32) -> None:
@@ -37,8 +45,7 @@ def test_train_in_a_terminal_draws_live_progress_and_writes_the_model(tmp_path):
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
 
 
-def test_distill_and_eval_in_a_terminal(kd, tmp_path):
-    assert kd("train", "resnet8", "--data", TINY_DATA, "--epochs", "1", "--device", "cpu", "--out", tmp_path / "t").code == 0
+def test_distill_and_eval_in_a_terminal(stored_teacher, tmp_path):
     out = tmp_path / "kd"
     screen = run_in_terminal("distill", "--teacher", "resnet8", "--student", "resnet8", "--method", "kd",
                              *TERMINAL_RUN, "--out", out)
@@ -53,8 +60,7 @@ def test_distill_and_eval_in_a_terminal(kd, tmp_path):
     assert re.search(r"latency, batch 1 \(ms\) +│ \d+\.\d\d \(IQR", screen.text), screen.text
 
 
-def test_compare_in_a_terminal(kd, tmp_path):
-    assert kd("train", "resnet8", "--data", TINY_DATA, "--epochs", "1", "--device", "cpu", "--out", tmp_path / "t").code == 0
+def test_compare_in_a_terminal(stored_teacher, tmp_path):
     out = tmp_path / "cmp"
     screen = run_in_terminal("compare", "--teacher", "resnet8", "--student", "resnet8", "--methods", "none,kd",
                              *TERMINAL_RUN, "--out", out)
