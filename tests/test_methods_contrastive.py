@@ -360,9 +360,12 @@ def test_closed_form_teacher_gradient_equals_autograd():
     f = torch.randn(6, 7, dtype=torch.float64, requires_grad=True)
     y = torch.tensor([0, 3, 1, 1, 2, 0])
     logits = head(f)
-    (expected,) = torch.autograd.grad(F.cross_entropy(logits, y), f)
+    (expected,) = torch.autograd.grad(F.cross_entropy(logits, y), f, retain_graph=True)
     got = teacher_gradient(logits.detach(), y, head.weight.detach())
     assert torch.allclose(got.double(), expected, rtol=1e-5, atol=1e-7)
+    (smoothed,) = torch.autograd.grad(F.cross_entropy(logits, y, label_smoothing=0.2), f)  # --label-smoothing 0.2
+    got = teacher_gradient(logits.detach(), y, head.weight.detach(), label_smoothing=0.2)
+    assert torch.allclose(got.double(), smoothed, rtol=1e-5, atol=1e-7) and not torch.allclose(smoothed, expected)
 
 
 def test_crcd_defaults_follow_the_crcd_script():

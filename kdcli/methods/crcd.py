@@ -115,9 +115,14 @@ def crcd_objective(
     return relation_nce(memory, 0, v_s, index, contrast, tau, budget) + relation_nce(memory, 1, v_t, index, contrast, tau, budget)
 
 
-def teacher_gradient(logits: Tensor, target: Tensor, weight: Tensor) -> Tensor:
-    """d CE(logits, target) / d f for logits = f W^T + b, CE averaged over the batch: (softmax - onehot) W / B."""
-    residual = torch.softmax(logits.float(), dim=1) - F.one_hot(target, logits.shape[1]).float()
+def teacher_gradient(logits: Tensor, target: Tensor, weight: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """d CE(logits, target) / d f for logits = f W^T + b, CE averaged over the batch: (softmax - q) W / B.
+
+    q is the target distribution: one-hot, or with label smoothing eps (1 - eps) one-hot + eps / K, so the
+    teacher's gradient is taken of the same loss as the student's."""
+    classes = logits.shape[1]
+    q = F.one_hot(target, classes).float() * (1.0 - label_smoothing) + label_smoothing / classes
+    residual = torch.softmax(logits.float(), dim=1) - q
     return residual @ weight.float() / logits.shape[0]
 
 
@@ -273,7 +278,7 @@ class CRCD(Method):
                 "use a student from the CIFAR zoo, or --set grad=0",
             )
         g_s = g_s[:rows]
-        g_t = teacher_gradient(t.logits[:rows], batch.y, self.teacher_head_weight)
+        g_t = teacher_gradient(t.logits[:rows], batch.y, self.teacher_head_weight, self.label_smoothing)
         if self.hp["grad_loss"] == "mse":
             return 10.0 * (1.0 - F.cosine_similarity(g_t, g_s.float(), dim=1).mean())
         v_s = self.grad_embed_s(g_s).float()
