@@ -260,7 +260,7 @@ def test_ctrl_c_pressed_again_and_again_while_kd_shuts_down_prints_no_traceback(
     log = tmp_path / "run.log"
     proc = start(["train", "resnet8", "--data", MEDIUM_DATA, "--epochs", "3", "--batch-size", "64", "--device", "cpu",
                   "--out", out], log, tmp_path)
-    wait_for(lambda: "3 epochs x" in log.read_text(), proc, log)
+    wait_for(lambda: "3 epochs x 25 steps" in log.read_text(), proc, log)  # the header, not the recipe block
     proc.send_signal(signal.SIGINT)
     wait_for(lambda: "SIGINT: stopping" in log.read_text(), proc, log)
     while proc.poll() is None:
