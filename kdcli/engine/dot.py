@@ -81,15 +81,6 @@ class DOT(torch.optim.Optimizer):
                     p.add_(u, alpha=-lr)
 
 
-def build_optimizer(params, schedule, **sgd_flags: bool) -> torch.optim.Optimizer:
-    """The main-stage optimizer over the student and the method's parameters (`sgd_flags`: fused /
-    foreach for plain SGD)."""
-    if getattr(schedule, "optimizer", "sgd") == "dot":
-        return DOT(params, lr=schedule.lr, momentum=schedule.momentum, delta=schedule.dot_delta,
-                   weight_decay=schedule.weight_decay)
-    return torch.optim.SGD(params, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay, **sgd_flags)
-
-
 def optimize(optimizer: torch.optim.Optimizer, terms: dict[str, Tensor]) -> None:
     """One optimizer step on the summed terms (DOT: on the task and distillation terms separately)."""
     if isinstance(optimizer, DOT):

@@ -16,8 +16,6 @@ import math
 from bisect import bisect_left
 from dataclasses import dataclass, field
 
-from kdcli.config import SCHEDULES  # one list of names, checked with the flags
-
 
 def multistep_lr(base_lr: float, epoch: int, milestones: list[int], decay: float) -> float:
     """RepDistiller's rule: lr0 * decay^(number of milestones < epoch), for a 1-based epoch.

@@ -35,7 +35,7 @@ class ActivationBoundaries(Method):
     needs = Needs(features=True, preact=True)
     defaults = {"ce": 1.0, "kd": 0.0, "T": 4.0, "beta": 1.0, "margin": 1.0, "init_epochs": 30, "init_lr": 0.0}
     ranges: ClassVar[dict[str, str]] = {
-        "beta": "nonnegative", "margin": "positive", "init_epochs": "nonnegative", "init_lr": "nonnegative", "T": "positive",
+        "beta": "nonnegative", "margin": "positive", "init_epochs": "nonnegative", "init_lr": "nonnegative",
     }
 
     def __init__(self, student: Shapes, teacher: Shapes, num_samples: int, teacher_head=None, **hparams):

@@ -23,7 +23,7 @@ class CorrelationCongruence(Method):
     year = 2019
     needs = Needs(embedding=True)
     defaults = {"ce": 1.0, "kd": 0.0, "T": 4.0, "beta": 0.02, "dim": 128}
-    ranges: ClassVar[dict[str, str]] = {"beta": "nonnegative", "dim": "count", "T": "positive"}
+    ranges: ClassVar[dict[str, str]] = {"beta": "nonnegative", "dim": "count"}
 
     def __init__(self, student: Shapes, teacher: Shapes, num_samples: int, teacher_head=None, **hparams):
         super().__init__(student, teacher, num_samples, teacher_head=teacher_head, **hparams)

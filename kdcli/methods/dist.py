@@ -25,7 +25,7 @@ class DIST(Method):
     needs = Needs()
     defaults = {"ce": 1.0, "kd": 0.0, "T": 4.0, "beta": 2.0, "tau": 4.0, "inter_weight": 1.0, "intra_weight": 1.0}
     ranges: ClassVar[dict[str, str]] = {
-        "beta": "nonnegative", "tau": "positive", "inter_weight": "nonnegative", "intra_weight": "nonnegative", "T": "positive",
+        "beta": "nonnegative", "tau": "positive", "inter_weight": "nonnegative", "intra_weight": "nonnegative",
     }
 
     def distill(self, s: Outputs, t: Outputs | None, batch: Batch) -> dict[str, Tensor]:

@@ -50,7 +50,7 @@ class FitNet(Method):
     year = 2015
     needs = Needs(features=True)
     defaults = {"ce": 1.0, "kd": 0.0, "T": 4.0, "beta": 100.0, "hint": 2, "init_epochs": 0, "init_lr": 0.0}
-    ranges: ClassVar[dict[str, str]] = {"beta": "nonnegative", "init_epochs": "nonnegative", "init_lr": "nonnegative", "T": "positive"}
+    ranges: ClassVar[dict[str, str]] = {"beta": "nonnegative", "init_epochs": "nonnegative", "init_lr": "nonnegative"}
 
     def __init__(self, student: Shapes, teacher: Shapes, num_samples: int, teacher_head=None, **hparams: Any):
         super().__init__(student, teacher, num_samples, teacher_head=teacher_head, **hparams)

@@ -55,7 +55,7 @@ class FactorTransfer(Method):
                 "init_epochs": 30, "init_lr": 0.01}
     ranges: ClassVar[dict[str, str]] = {
         "beta": "nonnegative", "rate": "fraction", "p1": "positive", "p2": "positive",
-        "init_epochs": "nonnegative", "init_lr": "nonnegative", "T": "positive",
+        "init_epochs": "nonnegative", "init_lr": "nonnegative",
     }
 
     def __init__(self, student: Shapes, teacher: Shapes, num_samples: int, teacher_head=None, **hparams):

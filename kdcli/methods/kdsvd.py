@@ -24,7 +24,7 @@ class KDSVD(Method):
     year = 2018
     needs = Needs(features=True)
     defaults = {"ce": 1.0, "kd": 0.0, "T": 4.0, "beta": 1.0, "k": 1}
-    ranges: ClassVar[dict[str, str]] = {"beta": "nonnegative", "k": "count", "T": "positive"}
+    ranges: ClassVar[dict[str, str]] = {"beta": "nonnegative", "k": "count"}
 
     def __init__(self, student: Shapes, teacher: Shapes, num_samples: int, teacher_head=None, **hparams):
         super().__init__(student, teacher, num_samples, teacher_head=teacher_head, **hparams)

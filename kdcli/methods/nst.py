@@ -23,7 +23,7 @@ class NST(Method):
     year = 2017
     needs = Needs(features=True)
     defaults = {"ce": 1.0, "kd": 0.0, "T": 4.0, "beta": 50.0}
-    ranges: ClassVar[dict[str, str]] = {"beta": "nonnegative", "T": "positive"}
+    ranges: ClassVar[dict[str, str]] = {"beta": "nonnegative"}
 
     def __init__(self, student: Shapes, teacher: Shapes, num_samples: int, teacher_head=None, **hparams):
         super().__init__(student, teacher, num_samples, teacher_head=teacher_head, **hparams)

@@ -37,7 +37,7 @@ class OFD(Method):
     year = 2019
     needs = Needs(features=True, preact=True, teacher_bn=True, teacher_batch_stats=True)
     defaults = {"ce": 1.0, "kd": 0.0, "T": 4.0, "beta": 1e-3, "teacher_bn_eval": False}
-    ranges: ClassVar[dict[str, str]] = {"beta": "nonnegative", "T": "positive"}
+    ranges: ClassVar[dict[str, str]] = {"beta": "nonnegative"}
 
     def __init__(self, student: Shapes, teacher: Shapes, num_samples: int, teacher_head=None,
                  teacher_bn: list[nn.BatchNorm2d] | None = None, **hparams):

@@ -57,7 +57,7 @@ class ReviewKD(Method):
     year = 2021
     needs = Needs(features=True, embedding=True, teacher_preact=True)
     defaults = {"ce": 1.0, "kd": 0.0, "T": 4.0, "beta": 5.0, "warmup": 20, "max_mid": 512}
-    ranges: ClassVar[dict[str, str]] = {"beta": "nonnegative", "warmup": "nonnegative", "max_mid": "count", "T": "positive"}
+    ranges: ClassVar[dict[str, str]] = {"beta": "nonnegative", "warmup": "nonnegative", "max_mid": "count"}
 
     def __init__(self, student: Shapes, teacher: Shapes, num_samples: int, teacher_head=None, **hparams):
         super().__init__(student, teacher, num_samples, teacher_head=teacher_head, **hparams)

@@ -32,7 +32,7 @@ class VID(Method):
     year = 2019
     needs = Needs(features=True)
     defaults = {"ce": 1.0, "kd": 0.0, "T": 4.0, "beta": 1.0, "init_var": 5.0, "eps": 1e-5, "learn_variance": True}
-    ranges: ClassVar[dict[str, str]] = {"beta": "nonnegative", "init_var": "positive", "eps": "positive", "T": "positive"}
+    ranges: ClassVar[dict[str, str]] = {"beta": "nonnegative", "init_var": "positive", "eps": "positive"}
 
     def __init__(self, student: Shapes, teacher: Shapes, num_samples: int, teacher_head=None, **hparams):
         super().__init__(student, teacher, num_samples, teacher_head=teacher_head, **hparams)
