@@ -403,7 +403,7 @@ def compare(
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Parent folder of the runs and the compare.* files (default runs/compare-<teacher>-<student>-<time>; when aggregating, the first folder).")] = None,
     teacher_arch: Annotated[Optional[str], typer.Option("--teacher-arch", help="Architecture of a .pth teacher outside an <arch>_vanilla folder.")] = None,
     precision: Precision = None, compile_: Compile = None, workers: Workers = None, pretrained: Pretrained = None,
-    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Runs trained at once, each in its own process (default 1; several small runs share a GPU well).")] = 1,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Runs trained at once, each in its own process (several small runs share a GPU well).")] = 1,
     devices: Annotated[Optional[str], typer.Option("--devices", help="GPUs the --jobs are spread over, e.g. 0,1,2,3 (default: every visible GPU).")] = None,
     published: Annotated[bool, typer.Option("--published", help="Print the stored published CIFAR-100 tables (narrowed by --student/--teacher) and exit; trains nothing.")] = False,
     json_out: Json = False,
@@ -425,6 +425,9 @@ def compare(
         compile=compile_, workers=workers, pretrained=pretrained,
     )
     check_layer(dict(flags))  # before torch is imported
+    if devices and jobs == 1:
+        raise KdError("--devices spreads the runs of --jobs N over GPUs; with one job it would be ignored",
+                      "add --jobs N (e.g. --jobs 4), or give one run its GPU with --device cuda:N")
     from kdcli import api
     from kdcli.compare import make_plan, parse_devices, print_tables
 

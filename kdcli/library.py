@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from kdcli import api, plugins
 from kdcli.build import CUSTOM_DATA, Sources
-from kdcli.config import RunConfig, build_config, read_config_file
+from kdcli.config import RunConfig, build_config, check_layer, read_config_file
 from kdcli.data import build_data, make_loader
 from kdcli.data.custom import bundle_from_datasets
 from kdcli.engine.evaluate import evaluate as evaluate_model
@@ -67,6 +67,7 @@ def evaluate(
         return api.evaluate_checkpoint(model, data, batch_size=batch_size, device=device, **options)
     if options:
         raise KdError(f"evaluate() of an object takes no {', '.join(sorted(options))}", "pass batch_size, device and num_classes only")
+    check_layer({"batch_size": batch_size, "device": device})  # as the CLI checks them
     bundle = _bundle(data, num_classes)
     if isinstance(model, str):
         model, _ = api.load_network(model, CUSTOM_DATA, bundle.num_classes)

@@ -107,3 +107,11 @@ def test_bad_jobs(kd, tmp_path):
                 "--jobs", "0", "--out", tmp_path / "c")
     assert result.code == 2 and "error: --jobs 0 is invalid" in result.stderr and "hint:" in result.stderr
     assert not (tmp_path / "c").exists()
+
+
+def test_devices_without_jobs_is_refused(kd, tmp_path):
+    from tests.conftest import assert_clean_error
+
+    result = kd("compare", "--teacher", "resnet8", "--student", "resnet8", "--devices", "0", "--out", tmp_path / "c")
+    assert_clean_error(result, "--devices")
+    assert not (tmp_path / "c").exists()

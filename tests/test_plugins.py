@@ -319,3 +319,27 @@ def test_export_refuses_what_cannot_be_exported(kd, tmp_path):
 def test_cli_resume_of_a_python_object_run_says_to_resume_from_python(kd, student_run):
     result = kd("train", "--resume", student_run)
     assert result.code == 2 and "resume it from Python" in result.stderr
+
+
+class _Broken(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        raise ValueError("disk on fire")
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield torch.zeros(3, 8, 8), 0
+
+
+def test_bad_user_data_and_settings_are_clean_errors(tmp_path):
+    train, val = toy()
+    with pytest.raises(KdError, match="reading train sample 0.*ValueError: disk on fire"):
+        kdcli.train("tests.plugin_models:factory", (_Broken(), val), epochs=1, out=tmp_path / "a", **FAST)
+    with pytest.raises(KdError, match="not a map-style torch Dataset"):
+        kdcli.train("tests.plugin_models:factory", (_Stream(), val), epochs=1, out=tmp_path / "b", **FAST)
+    with pytest.raises(KdError, match="--device"):
+        kdcli.evaluate(StageNet(4), (train, val), device="gpu")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

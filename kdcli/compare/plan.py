@@ -16,6 +16,7 @@ from kdcli.methods import method_class
 from kdcli.methods.base import resolve_hparams
 from kdcli.models import list_models
 from kdcli.teachers import dataset_key, find_teacher, is_weights_path, teacher_digest
+from kdcli.report import plural
 
 DEFAULT_METHODS = ["none", "kd"]
 GRID_KEYS = ("pairs", "methods", "seeds")
@@ -87,13 +88,9 @@ def make_plan(
         jobs[name] = Job(name, replace(config, teacher=None, teacher_arch=None) if baseline else config)
     check_networks(list(jobs.values()))
     teacher, student = pairs[0]
-    pair_text = _count(len(pairs), "pair") if nested else f"{teacher} -> {student}" if teacher else student
-    shape = f"{_count(len(names), 'method')} x {_count(len(seed_list), 'seed')}"
+    pair_text = plural(len(pairs), "pair") if nested else f"{teacher} -> {student}" if teacher else student
+    shape = f"{plural(len(names), 'method')} x {plural(len(seed_list), 'seed')}"
     return Plan(parent, list(jobs.values()), f"{pair_text}, {shape}")
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def short_name(teacher: str) -> str:

@@ -216,7 +216,7 @@ class Pool:
 
     def _stop_all(self) -> None:
         """SIGINT to every worker (each saves a checkpoint and exits 130), then wait for them."""
-        for name, (process, _, _) in self.running.items():
+        for process, _, _ in self.running.values():
             if process.poll() is None:
                 process.send_signal(signal.SIGINT)
         for name in list(self.running):

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from kdcli import plugins
 from kdcli.data.registry import DataBundle
 from kdcli.errors import KdError
 
@@ -79,7 +80,7 @@ def bundle_from_datasets(train, val, num_classes: int | None = None, name: str =
 def _dataset_of(data, split: str) -> Dataset:
     if isinstance(data, DataLoader):
         data = data.dataset
-    if not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
+    if isinstance(data, IterableDataset) or not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
         raise KdError(f"the {split} data is a {type(data).__name__}, not a map-style torch Dataset", "pass Datasets with __len__ and __getitem__, or DataLoaders over them")
     if len(data) == 0:
         raise KdError(f"the {split} Dataset is empty", "give it at least one sample")
@@ -93,7 +94,10 @@ def _scan(dataset: Dataset, split: str, measure: bool):
     need = range(n) if targets is None else range(min(n, STATS_SAMPLES) if measure else 1)
     labels, total, squares, count, shape = [], None, None, 0, None
     for i in need:
-        item = dataset[i]
+        try:
+            item = dataset[i]
+        except Exception as exc:  # noqa: BLE001 - the user's code: its error, in one line
+            raise plugins.user_error(type(dataset).__name__, f"reading {split} sample {i}", exc) from exc
         if not isinstance(item, (tuple, list)) or len(item) < 2:
             raise KdError(f"{split} sample {i} is a {type(item).__name__}, not (image, label)", _HINT)
         image = image_tensor(item[0])

@@ -5,7 +5,7 @@
   in bf16 anyway; TF32 stays allowed for cuDNN there, but not for matmuls, whose fp32 remainder is
   the classifier and the losses that are kept in fp32 on purpose (precision.classifier_in_fp32).
 - `cudnn.benchmark` (pick the fastest conv algorithm per shape) pays off when shapes are static, which
-  the trainer guarantees (the ragged last batch runs on its own, see trainer.static_batches).
+  the trainer guarantees (the ragged last batch runs on its own, see engine.capture).
 - `--deterministic`: deterministic algorithms only (torch.use_deterministic_algorithms, cuDNN's
   deterministic kernels, cuBLAS's fixed workspace), so that a resumed GPU run equals an uninterrupted
   one bit for bit. It costs speed (no cudnn.benchmark, slower deterministic backward kernels such as
@@ -46,12 +46,12 @@ def _apply(s: dict) -> None:
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = s["cublas"]
 
 
-def settings(precision: str, deterministic: bool = False, static_shapes: bool = True) -> dict:
+def settings(precision: str, deterministic: bool = False) -> dict:
     """The backend switches for a run with `precision` ("fp32" or "bf16")."""
     return {
         "matmul_tf32": False,
         "cudnn_tf32": precision == "bf16",
-        "benchmark": static_shapes and not deterministic,
+        "benchmark": not deterministic,
         "cudnn_deterministic": deterministic,
         "deterministic": deterministic,
         "cublas": CUBLAS_WORKSPACE if deterministic else os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
@@ -59,10 +59,10 @@ def settings(precision: str, deterministic: bool = False, static_shapes: bool = 
 
 
 @contextlib.contextmanager
-def run_backend(precision: str, deterministic: bool = False, static_shapes: bool = True) -> Iterator[None]:
+def run_backend(precision: str, deterministic: bool = False) -> Iterator[None]:
     """The run's switches inside the block, the previous ones after it (library callers, tests)."""
     before = _snapshot()
-    _apply(settings(precision, deterministic, static_shapes))
+    _apply(settings(precision, deterministic))
     try:
         yield
     finally:

@@ -24,7 +24,7 @@ class DOT(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, delta: float = 0.075, weight_decay: float = 0.0):
-        if not 0 <= momentum - delta and momentum + delta < 1:
+        if not (0 <= momentum - delta and momentum + delta < 1):
             raise KdError(f"--dot-delta {delta} with momentum {momentum} gives momenta outside [0, 1)",
                           "use a delta below min(momentum, 1 - momentum), e.g. 0.075 with momentum 0.9")
         super().__init__(params, dict(lr=lr, momentum=momentum, delta=delta, weight_decay=weight_decay))
@@ -72,7 +72,7 @@ class DOT(torch.optim.Optimizer):
                     p.add_(v, alpha=-lr)
                 if g_d is not None:
                     u = state.get("momentum_kd_buffer")
-                    if u is None:
+                    if u is None:  # the reference: no weight decay on u's first use, whatever the case (dot.md)
                         u = state["momentum_kd_buffer"] = g_d.clone()
                     elif g_t is not None:
                         u.mul_(mu + delta).add_(g_d)

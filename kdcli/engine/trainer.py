@@ -318,7 +318,7 @@ class Trainer:
             logging = step % self.schedule.log_every == 0 or step == total
             loss = None
             if logging:
-                host = {name: value.item() / self.world.size for name, value in self._reduced(window).items()}
+                host = {name: value / self.world.size for name, value in _to_host(self._reduced(window)).items()}
                 if not all(math.isfinite(v) for v in host.values()):
                     self._diverged(epoch, step, host)
                 loss = sum(host.values()) / window_steps
@@ -327,7 +327,7 @@ class Trainer:
             # One process stops at any step; ranks agree on stopping at a log step, where they sync anyway.
             stop = self.stop.requested if not self.world.enabled else logging and distributed.any_rank(self.stop.requested, self.device)
             if stop and step < total and self.gradient_step.boundary(step, total):  # never inside an accumulation
-                unchecked = {name: value.item() for name, value in window.items()}  # steps since the last log
+                unchecked = _to_host(window)  # steps since the last log
                 if not all(math.isfinite(v) for v in unchecked.values()):
                     self._diverged(epoch, step, unchecked)  # never checkpoint a diverged state
                 sums.seconds += time.perf_counter() - started
@@ -468,6 +468,13 @@ class Trainer:
         self.best_top1, self.best_epoch = state["best_top1"], state["best_epoch"]
         self.run.truncate_metrics(state["epoch"])
         return int(state["epoch"]), partial
+
+
+def _to_host(values: dict[str, Tensor]) -> dict[str, float]:
+    """Scalar device tensors read back in one transfer (one host sync, not one per loss term)."""
+    if not values:
+        return {}
+    return dict(zip(values, torch.stack([v.float().reshape(()) for v in values.values()]).tolist()))
 
 
 def _correct(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
