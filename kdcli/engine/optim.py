@@ -26,7 +26,7 @@ class OptimizerSettings:
 
     name: str = "sgd"
     lr: float = 0.05
-    momentum: float = 0.9  # SGD's momentum; AdamW's beta1
+    momentum: float = 0.9  # SGD and DOT; AdamW uses `betas`, not this
     weight_decay: float = 5e-4
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW (timm's and PyTorch's default)
     eps: float = 1e-8
