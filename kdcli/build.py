@@ -17,6 +17,7 @@ from kdcli import plugins
 from kdcli.batch import Batch
 from kdcli.config import RunConfig
 from kdcli.data import DataBundle, make_loader
+from kdcli.data.loaders import epoch_seed
 from kdcli.engine import distributed
 from kdcli.engine.trainer import Schedule
 from kdcli.errors import KdError
@@ -28,6 +29,7 @@ from kdcli.models.prerelu import stage_bns
 from kdcli.teachers import is_external
 
 
+RANK_STREAMS = 1 << 20  # seed streams of the DDP ranks' training draws, apart from the loaders' batch streams
 CUSTOM_DATA = "custom"  # the config's name for data passed as Python objects
 
 
@@ -78,6 +80,8 @@ def build_training(
     method = build_method(cls, config, student, teacher, sample, bundle.train.labels).to(device)
     if teacher is not None:
         teacher, _ = fold_batchnorm(teacher, sample.x[:8], preact=cls.needs.preact)
+    if world.enabled:  # weights and heads are drawn alike above; training draws (negatives, agent noise) per rank
+        torch.manual_seed(epoch_seed(config.seed, 0, RANK_STREAMS + world.rank))
     return student, teacher, method, train_loader, val_loader
 
 

@@ -400,7 +400,7 @@ def compare(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="KEY=VALUE for every method that has KEY, METHOD.KEY=VALUE for one (repeatable).")] = None,
     data: Data = None, data_dir: DataDir = None, download: Download = None, epochs: Epochs = None,
     batch_size: BatchSize = None, lr: Lr = None, device: Device = None, preset: Preset = None,
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Parent folder of the runs and the compare.* files (default runs/compare-<teacher>-<student>-<time>; when aggregating, the first folder).")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Parent folder of the runs and the compare.* files (default runs/compare-<teacher>-<student>-<time>, or runs/compare-<preset>-<time> for a preset's grid; when aggregating, the first folder).")] = None,
     teacher_arch: Annotated[Optional[str], typer.Option("--teacher-arch", help="Architecture of a .pth teacher outside an <arch>_vanilla folder.")] = None,
     precision: Precision = None, compile_: Compile = None, workers: Workers = None, pretrained: Pretrained = None,
     jobs: Annotated[int, typer.Option("--jobs", "-j", help="Runs trained at once, each in its own process (several small runs share a GPU well).")] = 1,

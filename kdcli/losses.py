@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdcli.models.pooling import adaptive_avg_pool2d
+
 _Loss = TypeVar("_Loss", bound=Callable[..., Tensor])
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -114,9 +116,9 @@ def at_loss(student_feature: Tensor, teacher_feature: Tensor, p: float = 2) -> T
     s_size, t_size = student_feature.shape[2:], teacher_feature.shape[2:]
     if s_size != t_size:
         if s_size.numel() > t_size.numel():
-            student_feature = F.adaptive_avg_pool2d(student_feature, tuple(t_size))
+            student_feature = adaptive_avg_pool2d(student_feature, tuple(t_size))
         else:
-            teacher_feature = F.adaptive_avg_pool2d(teacher_feature, tuple(s_size))
+            teacher_feature = adaptive_avg_pool2d(teacher_feature, tuple(s_size))
     diff = _attention_map(student_feature, p) - _attention_map(teacher_feature, p)
     return diff.pow(2).mean()
 
@@ -388,9 +390,9 @@ def _pool_to_smaller(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
     """RepDistiller's rule for square maps: the map with the larger height is average-pooled to the other's size."""
     h_s, h_t = student.shape[2], teacher.shape[2]
     if h_s > h_t:
-        student = F.adaptive_avg_pool2d(student, tuple(teacher.shape[2:]))
+        student = adaptive_avg_pool2d(student, tuple(teacher.shape[2:]))
     elif h_s < h_t:
-        teacher = F.adaptive_avg_pool2d(teacher, tuple(student.shape[2:]))
+        teacher = adaptive_avg_pool2d(teacher, tuple(student.shape[2:]))
     return student, teacher
 
 
@@ -576,7 +578,7 @@ def hcl_loss(student_features: Sequence[Tensor], teacher_features: Sequence[Tens
             if size >= f_s.shape[2]:
                 continue
             weight /= 2.0
-            level = level + weight * F.mse_loss(F.adaptive_avg_pool2d(f_s, size), F.adaptive_avg_pool2d(f_t, size))
+            level = level + weight * F.mse_loss(adaptive_avg_pool2d(f_s, size), adaptive_avg_pool2d(f_t, size))
             weights += weight
         total = total + level / weights
     return total

@@ -97,3 +97,18 @@ def data():
 
 def bad_data():
     return ToyImages(True)
+
+
+class CudaOnlyPoolNet(StageNet):
+    """Raises, in training under deterministic algorithms, the RuntimeError PyTorch raises on a GPU for an
+    op without a deterministic kernel (an adaptive pool called as a function, as in torchvision's MobileNetV2)."""
+
+    def forward(self, x):
+        if self.training and torch.are_deterministic_algorithms_enabled():
+            raise RuntimeError("adaptive_avg_pool2d_backward_cuda does not have a deterministic implementation, but you "
+                               "set 'torch.use_deterministic_algorithms(True)'.")
+        return super().forward(x)
+
+
+def cuda_only_pool_factory(num_classes: int) -> nn.Module:
+    return CudaOnlyPoolNet(num_classes)

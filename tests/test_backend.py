@@ -253,5 +253,54 @@ def test_deterministic_pooling_avoids_the_kernel_cuda_cannot_run_deterministical
     plain = pool_flat(x)
     with run_backend("fp32", deterministic=True):
         pooled = pool_flat(x)
-        assert pooled.grad_fn.name() == "MeanBackward1"  # not AdaptiveAvgPool2DBackward (raises on CUDA)
+        assert pooled.grad_fn.next_functions[0][0].name() == "MeanBackward1"  # not AdaptiveAvgPool2DBackward (raises on CUDA)
     assert torch.allclose(plain, pooled, rtol=0, atol=1e-6)
+
+
+# ---- adaptive pooling under --deterministic -------------------------------------------------------
+
+@pytest.mark.parametrize("shape, size", [((7, 7), (3, 3)), ((8, 8), 4), ((5, 6), (2, 4)), ((4, 4), 1), ((6, 5), (None, 2)),
+                                         ((3, 3), (5, 4))])
+def test_deterministic_adaptive_pooling_equals_pytorchs_bins_in_value_and_gradient(shape, size):
+    from kdcli.engine.backend import run_backend
+    from kdcli.models.pooling import adaptive_avg_pool2d
+
+    x = torch.randn(2, 3, *shape, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn_like(torch.nn.functional.adaptive_avg_pool2d(x, size))
+    expected = torch.nn.functional.adaptive_avg_pool2d(x, size)
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), x)
+    with run_backend("fp32", deterministic=True):
+        got = adaptive_avg_pool2d(x, size)
+        assert "AdaptiveAvgPool" not in got.grad_fn.name()  # no deterministic CUDA backward: it raises there
+        (grad,) = torch.autograd.grad((got * weights).sum(), x)
+    assert torch.allclose(got, expected, rtol=0, atol=1e-12) and torch.allclose(grad, expected_grad, rtol=0, atol=1e-12)
+    assert adaptive_avg_pool2d(x, size).grad_fn.name() == expected.grad_fn.name()  # PyTorch's kernel otherwise
+
+
+def test_a_deterministic_run_swaps_module_pools_and_keeps_the_weights_file(tmp_path):
+    import torchvision
+
+    import kdcli
+    from kdcli.models.pooling import DeterministicAdaptiveAvgPool2d, make_pooling_deterministic
+    from tests.plugin_models import StageNet, data
+
+    net = torchvision.models.resnet18(num_classes=5).eval()
+    keys, x = list(net.state_dict()), torch.randn(2, 3, 32, 32)
+    before = net(x)
+    assert make_pooling_deterministic(net) == 1 and isinstance(net.avgpool, DeterministicAdaptiveAvgPool2d)
+    assert list(net.state_dict()) == keys and torch.allclose(net(x), before, atol=1e-6)
+
+    student, (train, val, classes) = StageNet(num_classes=4), data()
+    kdcli.train(student, data=(train, val), num_classes=classes, epochs=1, batch_size=16, device="cpu", deterministic=True, out=tmp_path / "run")
+    assert isinstance(student.pool, DeterministicAdaptiveAvgPool2d)
+
+
+def test_an_op_without_a_deterministic_kernel_is_a_clean_error(kd, tmp_path):
+    from tests.conftest import assert_clean_error
+
+    result = kd("train", "tests.plugin_models:cuda_only_pool_factory", "--data", TINY_DATA, "--epochs", "1",
+                "--device", "cpu", "--deterministic", "--out", tmp_path / "run")
+    assert_clean_error(result, "--deterministic: adaptive_avg_pool2d_backward_cuda has no deterministic kernel")
+    assert "hint: drop --deterministic" in result.stderr
+    assert kd("train", "tests.plugin_models:cuda_only_pool_factory", "--data", TINY_DATA, "--epochs", "1",
+              "--device", "cpu", "--out", tmp_path / "plain").code == 0

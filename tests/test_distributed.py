@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from kdcli.data.loaders import shard_order
-from tests.conftest import TINY_DATA
+from tests.conftest import MEASURED_FIELDS, TINY_DATA
 
 
 def test_shards_partition_every_global_batch():
@@ -137,3 +140,134 @@ def test_global_batch_must_split_over_processes(kd, monkeypatch, tmp_path):
     monkeypatch.setattr(distributed, "setup", lambda device: distributed.World(rank=0, size=2))
     result = kd("train", "resnet8", "--data", TINY_DATA, "--device", "cpu", "--batch-size", "33", "--out", tmp_path / "r")
     assert_clean_error(result, "does not split over 2 processes")
+
+
+class _Quiet:
+    def start(self, *a): ...
+    def step(self, *a): ...
+    def epoch_end(self, metrics): ...
+    def finish(self): ...
+    def note(self, text): ...
+
+
+class _CtrlCAt(_Quiet):
+    """Every rank gets a SIGINT at `at` = (epoch, step); they stop together at the next log step (20)."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def step(self, epoch, step, *rest):
+        if (epoch, step) == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def _itkd_config(teacher: str, out: Path):
+    from kdcli.config import build_config
+
+    return build_config({"command": "distill", "teacher": teacher, "student": "resnet8", "method": "itkd",
+                         "options": {"warmup": 1, "rl_every": 1}, "data": "synthetic:classes=4,n=800,size=16",
+                         "epochs": 2, "batch_size": 16, "device": "cpu", "precision": "fp32", "seed": 3,
+                         "out": str(out)})
+
+
+def _stop_and_resume_worker(rank: int, world: int, port: int, teacher: str, tmp: str) -> None:
+    """Runs ITKD straight through, then stopped inside its learning epoch 2 and resumed, on 2 gloo ranks."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from kdcli import api
+    from kdcli.engine.trainer import Stopped
+
+    tmp = Path(tmp)
+    api.run(_itkd_config(teacher, tmp / "straight"), reporter=_Quiet())
+    try:
+        api.run(_itkd_config(teacher, tmp / "stopped"), reporter=_CtrlCAt((2, 4)))
+        raise AssertionError("the run did not stop")
+    except Stopped as stopped:
+        assert "interrupted at step 20/40 of epoch 2" in stopped.message, stopped.message
+    dist.barrier()
+    if rank == 0:
+        shutil.copytree(tmp / "stopped", tmp / "fewer")  # to resume on one process
+    dist.barrier()
+    api.resume(tmp / "stopped", reporter=_Quiet())
+    dist.destroy_process_group()
+
+
+def test_ddp_stop_inside_an_itkd_epoch_resumes_bit_exact_and_on_fewer_processes(kd, tmp_path):
+    """Each rank checkpoints its own random streams, running sums and ITKD rollout: resumed on 2 ranks the run
+    equals the uninterrupted one bit for bit; resumed on 1 it goes on from the same global batch."""
+    from safetensors.torch import load_file
+
+    from kdcli.engine.checkpoint import load_state
+    from kdcli.models import create_model
+    from kdcli.teachers import save_model
+
+    torch.manual_seed(0)
+    teacher = tmp_path / "teacher.safetensors"
+    save_model(teacher, create_model("resnet8", num_classes=4), arch="resnet8", num_classes=4, dataset="synthetic")
+    mp.spawn(_stop_and_resume_worker, args=(2, _free_port(), str(teacher), str(tmp_path)), nprocs=2, join=True)
+
+    got, expected = (load_file(tmp_path / run / "student.safetensors") for run in ("stopped", "straight"))
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+    lines = {run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+             for run in ("stopped", "straight")}
+    drop = MEASURED_FIELDS
+    assert [{k: v for k, v in m.items() if k not in drop} for m in lines["stopped"]] == \
+           [{k: v for k, v in m.items() if k not in drop} for m in lines["straight"]]
+
+    shares = load_state(tmp_path / "fewer" / "checkpoints" / "last.safetensors")["ranks"]
+    assert len(shares) == 2 and all(s["method"]["pending"] is not None for s in shares)
+    assert not torch.equal(shares[0]["rng"]["torch"], shares[1]["rng"]["torch"])  # each rank its own draws
+    assert not torch.equal(shares[0]["method"]["pending"]["states"], shares[1]["method"]["pending"]["states"])
+
+    result = kd("distill", "--resume", tmp_path / "fewer")
+    assert result.code == 0, result.stderr
+    assert "checkpointed by 2 processes on 1" in result.stderr
+    fewer = [json.loads(line) for line in (tmp_path / "fewer" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in fewer] == [1, 2]
+    assert fewer[0] == lines["straight"][0] | {k: fewer[0][k] for k in drop}  # epoch 1 is the 2-process run's
+    assert fewer[1]["train_samples"] == lines["straight"][1]["train_samples"] == 640  # every sample once
+    assert math.isfinite(fewer[1]["train_loss"]) and 0 <= fewer[1]["train_top1"] <= 100
+
+
+def test_running_sums_of_two_ranks_regroup_onto_one_or_four():
+    """The trainer's epoch mean is (sum over ranks of the terms) / (steps * ranks); hits and samples are sums."""
+    from kdcli.engine.resume_state import EpochSums
+
+    def saved(kd, hits, samples):
+        return EpochSums({"kd": torch.tensor(kd)}, torch.tensor(hits), samples, 2, 1.5, torch.tensor(hits + 1)).state()
+
+    shares = [saved(1.0, 5, 8), saved(3.0, 7, 8)]
+    for world in (1, 4):
+        parts = [EpochSums.regrouped(shares, rank, world, torch.device("cpu")) for rank in range(world)]
+        kd = sum(p.terms["kd"] for p in parts) / (2 * world)
+        assert kd.item() == 1.0  # ((1 + 3) / 2 ranks) / 2 steps
+        assert sum(p.correct for p in parts).item() == 12 and sum(p.correct5 for p in parts).item() == 14
+        assert sum(p.samples for p in parts) == 16 and all(p.steps == 2 for p in parts)
+
+
+@pytest.mark.parametrize("views", [None, "rotations", "strong"])
+def test_ranks_get_their_rows_of_the_one_process_global_batch_augmented_alike(views):
+    """Same images, same crops, flips and views per global batch whatever the number of processes: a run
+    checkpointed by N processes goes on with the same batches on fewer."""
+    from kdcli.data.loaders import TensorLoader
+    from kdcli.data.registry import InMemorySplit
+
+    split = InMemorySplit(torch.randint(0, 256, (37, 3, 8, 8), dtype=torch.uint8), torch.arange(37) % 5)
+
+    def batches(per_rank, rank, world):
+        loader = TensorLoader(split, per_rank, True, (0.5,) * 3, (0.25,) * 3, seed=7, views=views, shard=(rank, world))
+        loader.set_epoch(3)
+        return list(loader)
+
+    one = batches(8, 0, 1)
+    ranks = [batches(4, r, 2) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 37 // 8  # the partial global batch dropped
+    for b, whole in enumerate(one[: 37 // 8]):
+        parts = [ranks[r][b] for r in range(2)]
+        assert torch.equal(torch.cat([p.x for p in parts]), whole.x)
+        assert torch.equal(torch.cat([p.index for p in parts]), whole.index)
+        if views:
+            copies = whole.views.shape[0] // 8
+            per_view = [torch.cat([p.views.view(copies, 4, 3, 8, 8)[v] for p in parts]) for v in range(copies)]
+            assert torch.equal(torch.cat(per_view), whole.views)

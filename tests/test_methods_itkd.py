@@ -317,7 +317,7 @@ def test_mid_epoch_stop_and_resume_in_a_learning_epoch_is_bit_exact(tmp_path):
     with pytest.raises(KdError, match="interrupted at step 4/"):
         api.run(config(tmp_path / "stopped"), reporter=_CtrlCInEpoch2())
     state = load_state(tmp_path / "stopped" / "checkpoints" / "last.safetensors")
-    assert state["partial"]["epoch"] == 2 and state["partial"]["method"]["pending"] is not None
+    assert state["partial"]["epoch"] == 2 and state["ranks"][0]["method"]["pending"] is not None
     api.resume(tmp_path / "stopped", reporter=_Silent())
 
     got, expected = (load_file(tmp_path / run / "student.safetensors") for run in ("stopped", "straight"))

@@ -466,3 +466,19 @@ def test_download_progress_shows_bytes_and_speed_in_a_terminal(serve, release, t
     shown = screen.getvalue()
     assert "cifar_teachers.tar" in shown and f"{len(release['tar']) / 1e6:.1f}/{len(release['tar']) / 1e6:.1f} MB" in shown
     assert "MB/s" in shown
+
+
+def test_compare_with_download_fetches_the_release_teachers_of_its_grid(serve, release, monkeypatch, tmp_path):
+    from kdcli.compare import make_plan
+    from kdcli.teachers import find_teacher
+
+    server = serve(release["tar"])
+    monkeypatch.setenv("KD_TEACHERS_URL", server.url)
+    flags = {"teacher": "resnet56", "student": "resnet8", "data": "cifar100"}
+    with pytest.raises(KdError, match="no trained resnet56 for cifar100") as missing:
+        make_plan(flags, methods="kd", out=str(tmp_path / "compare"))
+    assert "kd teachers fetch" in missing.value.hint and "--download" in missing.value.hint
+    assert server.ranges == [] and find_teacher("resnet56", "cifar100") is None
+    plan = make_plan({**flags, "download": True}, methods="kd", out=str(tmp_path / "compare"))
+    assert [job.config.teacher for job in plan.jobs] == ["resnet56"]
+    assert find_teacher("resnet56", "cifar100") is not None

@@ -15,7 +15,8 @@ from kdcli.errors import KdError, did_you_mean, unknown
 from kdcli.methods import method_class
 from kdcli.methods.base import resolve_hparams
 from kdcli.models import list_models
-from kdcli.teachers import dataset_key, find_teacher, is_weights_path, teacher_digest
+from kdcli.teachers import dataset_key, find_teacher, is_weights_path, release, teacher_digest
+from kdcli.teachers.resolve import in_release
 from kdcli.report import plural
 
 DEFAULT_METHODS = ["none", "kd"]
@@ -222,7 +223,10 @@ def job_name(method: str, seed: int, teacher: str | None, student: str, nested: 
 
 
 def check_networks(jobs: list[Job]) -> None:
-    """Unknown model names and teachers missing from the store, for the whole grid, before any training."""
+    """Unknown model names and teachers missing from the store, for the whole grid, before any training.
+
+    With --download, missing CIFAR-100 teachers of the published release are fetched into the store here.
+    """
     known = set(list_models())
     missing: dict[str, list[str]] = {}
     for job in jobs:
@@ -239,11 +243,18 @@ def check_networks(jobs: list[Job]) -> None:
             names = missing.setdefault(c.data, [])
             if c.teacher not in names:
                 names.append(c.teacher)
+    download = any(job.config.download for job in jobs)
     for data, names in missing.items():
+        published = [name for name in names if in_release(name, data)]
+        if download and published == names:
+            release.fetch(names)
+            continue
         if len(names) == 1:
             hint = f"train one with `kd train {names[0]} --data {data}`, or pass --teacher PATH to a checkpoint"
         else:
             hint = f"train each with `kd train NAME --data {data}` (e.g. `kd train {names[0]} --data {data}`)"
+        if published:
+            hint = f"get the published {', '.join(published)} with `kd teachers fetch` (or add --download); " + hint
         raise KdError(f"no trained {', '.join(names)} for {data} in the teacher store", hint)
 
 

@@ -121,20 +121,29 @@ class TensorLoader:
         return max(self.num_batches - self.start, 0)
 
     def __iter__(self) -> Iterator[Batch]:
-        order = epoch_order(len(self.labels), self.train, self.seed, self.epoch)
-        order = shard_order(order, self.batch_size, self.rank, self.world).to(self.device)
+        # Under DDP every rank draws the augmentation of the whole global batch and keeps its own rows, so a
+        # global batch is the same images, cropped alike, whatever the number of processes (a run resumes on fewer).
+        order = epoch_order(len(self.labels), self.train, self.seed, self.epoch).to(self.device)
+        size = self.batch_size * self.world
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         for b in range(self.start, self.num_batches):
-            index = order[b * self.batch_size : (b + 1) * self.batch_size]
+            index = order[b * size : (b + 1) * size]
             raw = self.images[index]
             images, views = raw, None
             if self.train:
                 # Drawn on the device: CPU draws would need a host-to-device copy that syncs each batch.
-                stream = 1 + b * self.world + self.rank
-                g = torch.Generator(device=self.device).manual_seed(epoch_seed(self.seed, self.epoch, stream))
-                images = random_crop_flip(raw, CROP_PADDING, g)
+                g = torch.Generator(device=self.device).manual_seed(epoch_seed(self.seed, self.epoch, 1 + b))
+                images = random_crop_flip(raw, CROP_PADDING, g)[mine]
                 if self.views is not None:
-                    views = normalize(self.views(raw, CROP_PADDING, g), self.mean, self.std)
+                    views = normalize(_rows_of_views(self.views(raw, CROP_PADDING, g), raw.shape[0], mine), self.mean, self.std)
+            index = index[mine]
             yield Batch(normalize(images, self.mean, self.std), self.labels[index], index, views)
+
+
+def _rows_of_views(views: Tensor, rows: int, mine: slice) -> Tensor:
+    """The `mine` rows of each view in a view-major stack of copies of `rows` images."""
+    stacked = views.view(-1, rows, *views.shape[1:])
+    return stacked[:, mine].reshape(-1, *views.shape[1:])
 
 
 class _EpochSampler(Sampler):

@@ -20,6 +20,8 @@ from collections.abc import Iterator
 
 import torch
 
+from kdcli.errors import KdError
+
 CUBLAS_WORKSPACE = ":4096:8"  # the setting cuBLAS documents for reproducible results
 
 
@@ -44,6 +46,18 @@ def _apply(s: dict) -> None:
         os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
     else:
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = s["cublas"]
+
+
+NO_DETERMINISTIC_KERNEL = "does not have a deterministic implementation"  # PyTorch's RuntimeError says
+
+
+def no_deterministic_kernel(exc: RuntimeError) -> KdError:
+    """The clean error for an operation PyTorch cannot run deterministically (its RuntimeError names it)."""
+    op = str(exc).split(" does not have", 1)[0].split()[-1] if str(exc).strip() else "an operation"
+    return KdError(
+        f"--deterministic: {op} has no deterministic kernel on this device, and this network or method uses it",
+        "drop --deterministic (results then vary slightly between runs and resumes), or use another architecture",
+    )
 
 
 def settings(precision: str, deterministic: bool = False) -> dict:

@@ -112,8 +112,8 @@ def load_resume_state(path: Path, epochs: int) -> dict[str, Any]:
         raise _unreadable(path, "its state is not a table")
     if state.get("kdcli_version") != __version__:
         return state  # another kd's layout: the caller refuses it by version, which says more
-    tables = ("student", "method", "optimizer", "method_optimizers", "rng")
-    missing = [key for key in ("epoch", "best_top1", "best_epoch", *tables) if key not in state]
+    tables = ("student", "method", "optimizer", "method_optimizers")
+    missing = [key for key in ("epoch", "best_top1", "best_epoch", "ranks", *tables) if key not in state]
     if missing:
         raise _unreadable(path, "no " + ", ".join(missing))
     epoch, best_epoch = state["epoch"], state["best_epoch"]
@@ -126,13 +126,18 @@ def load_resume_state(path: Path, epochs: int) -> dict[str, Any]:
     bad = [key for key in tables if not isinstance(state[key], dict)]
     if bad:
         raise _unreadable(path, ", ".join(bad) + " not a table")
-    if not isinstance(state["rng"].get("torch"), torch.Tensor) or state["rng"]["torch"].dtype != torch.uint8:
-        raise _unreadable(path, "no torch RNG state")
     partial = state.get("partial")
-    if partial is not None and not (
-        isinstance(partial, dict) and partial.get("epoch") == epoch + 1 and isinstance(partial.get("sums"), dict)
-    ):
+    if partial is not None and not (isinstance(partial, dict) and partial.get("epoch") == epoch + 1):
         raise _unreadable(path, "its mid-epoch state does not follow its last epoch")
+    ranks = state["ranks"]
+    if not isinstance(ranks, list) or not ranks or not all(isinstance(r, dict) for r in ranks):
+        raise _unreadable(path, "its per-process states are not a list of tables")
+    for share in ranks:
+        rng = share.get("rng")
+        if not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor) or rng["torch"].dtype != torch.uint8:
+            raise _unreadable(path, "no torch RNG state")
+        if partial is not None and not isinstance(share.get("sums"), dict):
+            raise _unreadable(path, "its mid-epoch state has no running sums")
     return state
 
 
@@ -145,14 +150,17 @@ def restoring(path: Path):
         raise _unreadable(path, f"it does not fit this run: {str(exc).strip().splitlines()[0][:200]}") from None
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """The CPU generator's state, and that of `device`'s generator when it is a GPU (this process's own:
+    under DDP each rank owns one GPU, and the others' generators are not its to save)."""
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore `rng_state`'s streams; a GPU stream saved on another GPU (another rank's) is set on `device`'s."""
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)

@@ -92,6 +92,16 @@ def average_parameter_gradients(params) -> None:
             p.grad.div_(dist.get_world_size())
 
 
+def all_gather_objects(obj) -> list:
+    """Every rank's `obj`, in rank order (`[obj]` in a single process). Small, trusted objects only:
+    they travel pickled between this run's own processes."""
+    if not enabled():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj):
     """Rank 0's value of `obj` on every rank (e.g. a run folder named after the time)."""
     if not enabled():
@@ -113,15 +123,21 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(all_reduce_sum(torch.tensor([int(flag)], device=device)).item())
 
 
-def wrap(module: nn.Module, world: World, device: torch.device, heads: bool = False) -> nn.Module:
+def wrap(module: nn.Module, world: World, device: torch.device, heads: bool = False, stepped_apart=()) -> nn.Module:
     """DistributedDataParallel around `module` under torchrun; the module itself otherwise.
 
     heads=True for a method's own trainable modules: they may skip parameters on some steps
     (schedules), and memory banks stay in sync through all-gathered updates, so their buffers are
-    not broadcast from rank 0 each step.
+    not broadcast from rank 0 each step. `stepped_apart`: parameters the method steps with its own
+    optimizers and averages over ranks itself (ITKD's agent, trained inside the forward): DDP's
+    hooks would fire on them twice a step, so DDP leaves them alone.
     """
-    if not world.enabled or not any(p.requires_grad for p in module.parameters()):
+    apart = {id(p) for p in stepped_apart}
+    if not world.enabled or not any(p.requires_grad and id(p) not in apart for p in module.parameters()):
         return module
+    if apart:
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            module, [name for name, p in module.named_parameters() if id(p) in apart])
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(
         module, device_ids=ids, find_unused_parameters=heads, broadcast_buffers=not heads

@@ -16,8 +16,9 @@ each rank trains on its share of every global batch, training sums are all-reduc
 on every rank's identical model, and only rank 0 writes files.
 
 A SIGINT/SIGTERM stops the loop after the current step with a mid-epoch checkpoint; resuming
-replays the rest of that epoch exactly (the loader's order is a function of seed and epoch, the
-RNG state and the epoch's running sums are in the checkpoint).
+replays the rest of that epoch exactly (the loader's order is a function of seed and epoch; every
+rank's RNG streams, running sums and method running state are in the checkpoint, engine.resume_state).
+Under DDP the ranks agree on stopping at log steps and at the end of an epoch.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -33,11 +34,12 @@ from torch import Tensor, nn
 
 from kdcli import __version__
 from kdcli.batch import Batch
-from kdcli.engine import backend, capture, distributed
-from kdcli.engine.checkpoint import load_resume_state, restoring, rng_state, save_state, set_rng_state
+from kdcli.engine import backend, capture, distributed, resume_state
+from kdcli.engine.checkpoint import load_resume_state, restoring, save_state
 from kdcli.engine.evaluate import Evaluation, evaluate
 from kdcli.engine.memory import peak_memory_mb, reset_peak_memory
 from kdcli.engine.precision import autocast, classifier_in_fp32, frozen_bf16_copy
+from kdcli.engine.resume_state import EpochSums
 from kdcli.engine.rundir import RunDir
 from kdcli.engine.ema import ModelEma
 from kdcli.engine.optim import GradientStep, OptimizerSettings, build_optimizer
@@ -50,6 +52,7 @@ from kdcli.engine.teacher_pass import teacher_mode, teacher_needs
 from kdcli.errors import KdError
 from kdcli.methods.base import Method, Needs
 from kdcli.models.features import Outputs, forward_outputs
+from kdcli.models.pooling import make_pooling_deterministic
 
 
 class Reporter(Protocol):
@@ -87,40 +90,6 @@ class Schedule:
         return LrSchedule(
             self.schedule, self.lr, self.epochs, GradientStep.steps_per_epoch(batches_per_epoch, self.accumulate),
             self.milestones, self.lr_decay, self.step_size, self.warmup_epochs, self.min_lr,
-        )
-
-
-@dataclass
-class EpochSums:
-    """Running totals of one training epoch, on the device (checkpointed when a run stops mid-epoch)."""
-
-    terms: dict[str, Tensor] = field(default_factory=dict)
-    correct: Tensor | None = None
-    samples: int = 0
-    steps: int = 0
-    seconds: float = 0.0
-    correct5: Tensor | None = None  # top-5 hits
-
-    def add(self, terms: dict[str, Tensor], correct: Tensor, samples: int, correct5: Tensor | None = None) -> None:
-        for name, value in terms.items():
-            value = value.detach().float()
-            self.terms[name] = self.terms[name] + value if name in self.terms else value
-        self.correct = correct if self.correct is None else self.correct + correct
-        self.correct5 = correct5 if self.correct5 is None else self.correct5 + correct5
-        self.samples += samples
-        self.steps += 1
-
-    def state(self) -> dict[str, Any]:
-        return {"terms": self.terms, "correct": self.correct, "samples": self.samples,
-                "steps": self.steps, "seconds": self.seconds, "correct5": self.correct5}
-
-    @classmethod
-    def from_state(cls, state: dict[str, Any], device: torch.device) -> "EpochSums":
-        return cls(
-            {k: v.to(device) for k, v in state["terms"].items()},
-            None if state["correct"] is None else state["correct"].to(device),
-            state["samples"], state["steps"], state["seconds"],
-            None if state.get("correct5") is None else state["correct5"].to(device),
         )
 
 
@@ -201,6 +170,8 @@ class Trainer:
         self.resume_command = resume_command
         self.world = world
         self.deterministic = deterministic
+        if deterministic:
+            make_pooling_deterministic(student)  # before DDP and compile see the student
         if self.teacher is not None:
             self.teacher.eval()
             for p in self.teacher.parameters():
@@ -213,7 +184,8 @@ class Trainer:
         # Evaluation uses the unwrapped student: a DDP forward would wait for the other ranks.
         # `*_eager` run the ragged last batch, so compiled graphs keep one shape (engine.capture).
         self.student_eager = distributed.wrap(student, world, device)
-        self.method_fn = distributed.wrap(method, world, device, heads=True)
+        own = [p for o in method.own_optimizers().values() for group in o.param_groups for p in group["params"]]
+        self.method_fn = distributed.wrap(method, world, device, heads=True, stepped_apart=own)
         # The step's teacher: under bf16 a copy with bf16 weights (cast once, not by autocast every step).
         stepped = frozen_bf16_copy(self.teacher) if precision == "bf16" and self.teacher is not None else self.teacher
         self.teacher_eager = stepped
@@ -243,7 +215,12 @@ class Trainer:
     # ---- the loop -------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict[str, Any]:
         with backend.run_backend(self.precision, self.deterministic):
-            return self._fit(resume)
+            try:
+                return self._fit(resume)
+            except RuntimeError as exc:
+                if self.deterministic and backend.NO_DETERMINISTIC_KERNEL in str(exc):
+                    raise backend.no_deterministic_kernel(exc) from None
+                raise
 
     def _fit(self, resume: bool) -> dict[str, Any]:
         completed, partial = self._restore() if resume else (0, None)
@@ -256,19 +233,22 @@ class Trainer:
                 for epoch in range(completed + 1, self.stages.total + 1):
                     metrics = self._epoch(epoch, partial)
                     partial = None
+                    # A stop that came with the epoch's last steps (or, under DDP, after its last log step)
+                    if epoch < self.stages.total and self._stop_agreed(True):
+                        raise self._stopped(f"interrupted after epoch {epoch}")
         finally:
             self.reporter.finish()
         return metrics
 
-    def _epoch(self, epoch: int, partial: dict[str, Any] | None) -> dict[str, Any]:
+    def _epoch(self, epoch: int, partial: resume_state.Restored | None) -> dict[str, Any]:
         stage, lr, self.active_optimizer = self.stages.begin(epoch)
-        if partial and partial.get("method") is not None:
-            self.method.load_running_state(partial["method"])
+        if partial is not None and partial.method is not None:
+            self.method.load_running_state(partial.method)
         if stage.name == "main":
             lr = self.lr_schedule.epoch_lr(stage.epoch)  # the lr of the epoch's first step (GradientStep sets every step's)
         started = time.perf_counter()
         reset_peak_memory(self.device)  # the epoch's own peak: not the teacher's evaluation, not earlier runs
-        sums = EpochSums.from_state(partial["sums"], self.device) if partial else EpochSums()
+        sums = partial.sums if partial is not None else EpochSums()
         with edited_images(self.train_loader, self.stages.image_edits(stage)):
             train = self._train_epoch(epoch, sums)
         val = evaluate(self.eval_fn, self.val_loader, ragged=self.student)
@@ -325,20 +305,14 @@ class Trainer:
                 window, window_steps = {}, 0
             self.reporter.step(epoch, step, batch.y.numel() * self.world.size, loss)
             # One process stops at any step; ranks agree on stopping at a log step, where they sync anyway.
-            stop = self.stop.requested if not self.world.enabled else logging and distributed.any_rank(self.stop.requested, self.device)
+            stop = self._stop_agreed(logging)
             if stop and step < total and self.gradient_step.boundary(step, total):  # never inside an accumulation
-                unchecked = _to_host(window)  # steps since the last log
+                unchecked = _to_host(self._reduced(window))  # steps since the last log (all ranks: they stop alike)
                 if not all(math.isfinite(v) for v in unchecked.values()):
                     self._diverged(epoch, step, unchecked)  # never checkpoint a diverged state
                 sums.seconds += time.perf_counter() - started
-                self._save_checkpoint(epoch - 1, partial={
-                    "epoch": epoch, "sums": self._rank_mean(sums).state(), "method": self.method.running_state(),
-                })
-                raise Stopped(
-                    f"interrupted at step {step}/{total} of epoch {epoch}; a resumable checkpoint is saved",
-                    f"resume with: {self.resume_command} --resume {self.run.path}",
-                    exit_code=130,
-                )
+                self._save_checkpoint(epoch - 1, stopped=(epoch, sums))
+                raise self._stopped(f"interrupted at step {step}/{total} of epoch {epoch}")
         sums.seconds += time.perf_counter() - started
         size = self.world.size
         means = {f"train_{name}": value.item() / (sums.steps * size) for name, value in self._reduced(sums.terms).items()}
@@ -353,14 +327,15 @@ class Trainer:
             "train_samples": samples,
         }
 
-    def _rank_mean(self, sums: EpochSums) -> EpochSums:
-        """The ranks' running sums averaged, so every rank can resume from rank 0's checkpoint."""
+    def _stop_agreed(self, sync_point: bool) -> bool:
+        """Whether to stop now: on a signal to this process, or under DDP, at a sync point, to any rank."""
         if not self.world.enabled:
-            return sums
-        mean = {k: v / self.world.size for k, v in self._reduced(sums.terms).items()}
-        correct = self._reduced({"c": sums.correct.float(), "c5": sums.correct5.float()})
-        return EpochSums(mean, correct["c"] / self.world.size, sums.samples, sums.steps, sums.seconds,
-                         correct["c5"] / self.world.size)
+            return self.stop.requested
+        return sync_point and distributed.any_rank(self.stop.requested, self.device)
+
+    def _stopped(self, where: str) -> Stopped:
+        return Stopped(f"{where}; a resumable checkpoint is saved",
+                       f"resume with: {self.resume_command} --resume {self.run.path}", exit_code=130)
 
     def _reduced(self, values: dict[str, Tensor]) -> dict[str, Tensor]:
         """Sums over ranks, in one collective (values unchanged in a single process)."""
@@ -400,7 +375,7 @@ class Trainer:
         described = ", ".join(f"{name}={value:.4g}" for name, value in terms.items())
         raise KdError(
             f"training diverged: the loss became non-finite by step {step} of epoch {epoch} ({described})",
-            f"lower --lr or the method's weights (--set ...), or train with --precision fp32; "
+            "lower --lr or the method's weights (--set ...), or train with --precision fp32; "
             + (f"the last good checkpoint is kept in {self.run.checkpoints}" if self.run.last.exists()
                else "it diverged before its first checkpoint, so start it again in a new --out"),
             exit_code=1,
@@ -412,13 +387,16 @@ class Trainer:
             note(f"{signal_name}: stopping after the current step and saving a checkpoint (again to stop at once)")
 
     # ---- checkpoints ----------------------------------------------------------------------
-    def _save_checkpoint(self, completed: int, partial: dict[str, Any] | None = None) -> None:
-        """State after `completed` whole epochs, plus the running state of the next one if stopped inside it."""
+    def _save_checkpoint(self, completed: int, stopped: tuple[int, EpochSums] | None = None) -> None:
+        """State after `completed` whole epochs, plus every rank's running state of the epoch it
+        stopped inside (`stopped`: that epoch and this rank's sums)."""
+        ranks = resume_state.gathered(self.device, *((stopped[1], self.method.running_state()) if stopped else ()))
         state = {
             "kdcli_version": __version__,
             "config": self.fingerprint,
             "epoch": completed,
-            "partial": partial,
+            "partial": {"epoch": stopped[0]} if stopped else None,
+            "ranks": ranks,
             "student": self.student.state_dict(),
             "method": self.method.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -426,13 +404,12 @@ class Trainer:
             "stages": self.stages.state(),
             "best_top1": self.best_top1,
             "best_epoch": self.best_epoch,
-            "rng": rng_state(),
             "ema": self.ema.module.state_dict() if self.ema is not None else None,
         }
         if self.world.is_main:
             save_state(self.run.last, state)
 
-    def _restore(self) -> tuple[int, dict[str, Any] | None]:
+    def _restore(self) -> tuple[int, resume_state.Restored | None]:
         """Load the last checkpoint: (whole epochs completed, running state of a stopped epoch or None)."""
         if not self.run.last.exists():
             # Stopped (e.g. killed) before its first checkpoint: nothing to keep, so start it over.
@@ -461,13 +438,16 @@ class Trainer:
             if self.ema is not None:
                 self.ema.module.load_state_dict(state["ema"])
             self.stages.load(state.get("stages", {}))
-            set_rng_state(state["rng"])
-            partial = state.get("partial")
-            if partial is not None:
-                EpochSums.from_state(partial["sums"], self.device)  # fails here, not mid-epoch
+            mid_epoch = state["partial"] is not None
+            share = resume_state.restore(state["ranks"], self.world, self.device, mid_epoch)
+        if share.saved_world != self.world.size:
+            note = getattr(self.reporter, "note", None)
+            if note is not None and self.world.is_main:
+                note(f"resuming a run checkpointed by {share.saved_world} processes on {self.world.size}: same global "
+                     "batches, but batch-norm statistics and random draws differ from an uninterrupted run")
         self.best_top1, self.best_epoch = state["best_top1"], state["best_epoch"]
         self.run.truncate_metrics(state["epoch"])
-        return int(state["epoch"]), partial
+        return int(state["epoch"]), share if mid_epoch else None
 
 
 def _to_host(values: dict[str, Tensor]) -> dict[str, float]:

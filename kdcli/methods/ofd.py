@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from typing import ClassVar
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdcli.batch import Batch
@@ -13,6 +12,7 @@ from kdcli.errors import KdError
 from kdcli.losses import ofd_loss, ofd_margin
 from kdcli.methods.base import Method, Needs, Shapes, register
 from kdcli.models.features import Outputs
+from kdcli.models.pooling import adaptive_avg_pool2d
 
 
 def _connector(c_in: int, c_out: int) -> nn.Sequential:
@@ -63,6 +63,6 @@ class OFD(Method):
         for i, (f_s, f_t) in enumerate(zip(s_maps, t_maps)):
             f_s = self.connectors[i](f_s)
             if f_t.shape[2:] != f_s.shape[2:]:
-                f_t = F.adaptive_avg_pool2d(f_t, tuple(f_s.shape[2:]))
+                f_t = adaptive_avg_pool2d(f_t, tuple(f_s.shape[2:]))
             total = total + ofd_loss(f_s, f_t, getattr(self, f"margin{i}")) / 2 ** (self.stages - 1 - i)
         return {"ofd": self.hp["beta"] * total}
