@@ -87,6 +87,23 @@ def test_fp32_turns_tf32_off_and_deterministic_asks_for_deterministic_kernels(mo
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True  # torch's defaults
 
 
+def test_deterministic_algorithms_a_caller_turned_on_stay_on(monkeypatch):
+    """A script that turned deterministic algorithms on (say with warn_only) before calling kd keeps them."""
+    from kdcli.engine.backend import run_backend
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with run_backend("fp32"):
+            assert _flags()[2:] == (False, True, True, ":4096:8")  # no benchmark, deterministic cuDNN and algorithms
+            assert torch.is_deterministic_algorithms_warn_only_enabled()
+        with run_backend("fp32", deterministic=True):  # --deterministic itself is strict
+            assert not torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 def test_deterministic_is_a_config_field_and_cli_flag_recorded_in_config_toml(kd, tmp_path):
     out = tmp_path / "run"
     result = kd("train", "resnet8", "--data", TINY_DATA, "--epochs", "1", "--batch-size", "32", "--device", "cpu",

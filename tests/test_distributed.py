@@ -271,3 +271,19 @@ def test_ranks_get_their_rows_of_the_one_process_global_batch_augmented_alike(vi
             copies = whole.views.shape[0] // 8
             per_view = [torch.cat([p.views.view(copies, 4, 3, 8, 8)[v] for p in parts]) for v in range(copies)]
             assert torch.equal(torch.cat(per_view), whole.views)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["ab", "at", "cc", "crcd", "crd", "ctkd", "dist", "dkd", "fitnet", "fsp", "ft", "itkd",
+                                    "kd", "kdsvd", "mlkd", "mlld", "nst", "ofd", "pkt", "reviewkd", "rkd", "sp", "vid"])
+def test_every_method_trains_on_two_processes(method, tmp_path, teacher_file):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    acting = ["--set", "warmup=1", "--set", "rl_every=1"] if method == "itkd" else []  # the agent acts and learns
+    result = subprocess.run([sys.executable, "-m", "kdcli", "distill", "--teacher", str(teacher_file), "--student", "resnet8",
+                             "--method", method, *acting, "--data", TINY_DATA, "--epochs", "2", "--batch-size", "32",
+                             "--device", "cpu", "--nproc", "2", "--out", str(tmp_path / "run"), "--json"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    main = [m for m in lines if m.get("stage", "main") == "main"]  # after ab/fsp/ft's init stage, if any
+    assert len(main) == 2 and all(math.isfinite(m["train_loss"]) for m in lines)

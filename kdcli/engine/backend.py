@@ -32,6 +32,7 @@ def _snapshot() -> dict:
         "benchmark": torch.backends.cudnn.benchmark,
         "cudnn_deterministic": torch.backends.cudnn.deterministic,
         "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
         "cublas": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
     }
 
@@ -41,7 +42,7 @@ def _apply(s: dict) -> None:
     torch.backends.cudnn.allow_tf32 = s["cudnn_tf32"]
     torch.backends.cudnn.benchmark = s["benchmark"]
     torch.backends.cudnn.deterministic = s["cudnn_deterministic"]
-    torch.use_deterministic_algorithms(s["deterministic"])
+    torch.use_deterministic_algorithms(s["deterministic"], warn_only=s["warn_only"])
     if s["cublas"] is None:
         os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
     else:
@@ -60,9 +61,10 @@ def no_deterministic_kernel(exc: RuntimeError) -> KdError:
     )
 
 
-def settings(precision: str, deterministic: bool = False) -> dict:
+def settings(precision: str, deterministic: bool = False, warn_only: bool = False) -> dict:
     """The backend switches for a run with `precision` ("fp32" or "bf16")."""
     return {
+        "warn_only": warn_only,
         "matmul_tf32": False,
         "cudnn_tf32": precision == "bf16",
         "benchmark": not deterministic,
@@ -74,9 +76,13 @@ def settings(precision: str, deterministic: bool = False) -> dict:
 
 @contextlib.contextmanager
 def run_backend(precision: str, deterministic: bool = False) -> Iterator[None]:
-    """The run's switches inside the block, the previous ones after it (library callers, tests)."""
+    """The run's switches inside the block, the previous ones after it (library callers, tests).
+
+    Deterministic algorithms a caller already turned on stay on (with their warn_only setting).
+    """
     before = _snapshot()
-    _apply(settings(precision, deterministic))
+    warn_only = not deterministic and before["deterministic"] and before["warn_only"]
+    _apply(settings(precision, deterministic or before["deterministic"], warn_only))
     try:
         yield
     finally:

@@ -345,7 +345,8 @@ class Trainer:
         total = distributed.all_reduce_sum(torch.stack([values[n].float().reshape(()) for n in names]))
         return dict(zip(names, total))
 
-    def _step(self, batch: Batch, epoch: int, step: int, total: int) -> tuple[dict[str, Tensor], Tensor]:
+    def _step(self, batch: Batch, epoch: int = 1, step: int = 1, total: int = 1) -> tuple[dict[str, Tensor], Tensor]:
+        """One training step; (loss terms, logits). The defaults (a first step) serve harnesses that time steps alone."""
         needs = self.method.needs
         full = self.rows is None or batch.y.numel() == self.rows
         capture.step_begins(self.device, full and self.student_fn is not self.student_eager)
