@@ -19,6 +19,11 @@ uint8 training images in memory, no download):
   loader's resume offset), so the loop is exactly the one `kd distill` runs, without evaluation.
 - `kd_fp32`: the same with `--precision fp32` (channels_last kept).
 
+Any registered method can be timed (e.g. `--methods kd,crd,mlkd`); the reference loop exists for
+kd and crd only, so other methods get no reference column. With kd in the run, every row also
+reports its step time relative to kd's at the same pair, batch size and precision
+(`step_vs_kd`: kd's images/s over the method's, 1.0 = as fast as kd).
+
 Timing: after warm-up, `--windows` rounds; each round times one window of `--steps` steps of every
 variant in turn (interleaved, so a change in machine load hits all variants alike), synchronising
 CUDA at the window's ends. Reported: the median images/s over the windows and kd / reference.
@@ -66,6 +71,7 @@ DEFAULT_PAIRS = "resnet110:resnet20,resnet32x4:resnet8x4"
 CIFAR100_SIZED = "synthetic:classes=100,n=64000,size=32"  # 51,200 train images: divisible by 64 and 256
 QUICK_DATA = "synthetic:classes=10,n=200,size=16"
 CRD_K = 16384  # nce_k, CRD's default
+REFERENCE_METHODS = ("kd", "crd")  # the methods the reference loop implements
 CIFAR100_TRAIN, PAPER_EPOCHS = 50_000, 240  # for the projected length of a paper-protocol run
 LR = 0.05
 
@@ -223,8 +229,10 @@ class Variant:
 
 def measure(args, bundle: DataBundle, teacher: str, student: str, method: str, batch_size: int,
             device: torch.device) -> dict:
-    variants = [Variant("reference", ReferenceRunner(bundle, teacher, student, method, batch_size, device,
-                                                     args.ref_workers, args.crd_k), [])]
+    variants = []
+    if method in REFERENCE_METHODS:
+        variants.append(Variant("reference", ReferenceRunner(bundle, teacher, student, method, batch_size, device,
+                                                             args.ref_workers, args.crd_k), []))
     for precision in args.kd_precisions.split(","):
         name = "kd" if precision == "auto" else f"kd_{precision}"
         variants.append(Variant(name, KdRunner(bundle, teacher, student, method, batch_size, device, precision, args.crd_k), []))
@@ -234,14 +242,25 @@ def measure(args, bundle: DataBundle, teacher: str, student: str, method: str, b
     for _ in range(args.windows):
         for v in variants:
             v.windows.append(timed(v.runner.run, args.steps, device))
-    result = {"teacher": teacher, "student": student, "method": method, "batch_size": batch_size}
-    reference = statistics.median(variants[0].windows)
+    result = {"teacher": teacher, "student": student, "method": method, "batch_size": batch_size, "reference": None}
     for v in variants:
         result[v.name] = v.summary()
+    for v in variants:
         if v.name != "reference":
-            result[f"ratio_{v.name}"] = result[v.name]["images_per_s"] / reference
+            if result["reference"] is not None:
+                result[f"ratio_{v.name}"] = result[v.name]["images_per_s"] / result["reference"]["images_per_s"]
             result[v.name]["projected_240_epochs_min"] = projected_minutes(result[v.name]["images_per_s"])
     return result
+
+
+def add_step_vs_kd(results: list[dict], kd_names: list[str]) -> None:
+    """Each row's step time over kd's (same pair, batch size, precision), when kd was measured."""
+    kd_rows = {(r["teacher"], r["student"], r["batch_size"]): r for r in results if r["method"] == "kd"}
+    for r in results:
+        kd = kd_rows.get((r["teacher"], r["student"], r["batch_size"]))
+        if kd is not None:
+            for name in kd_names:
+                r[name]["step_vs_kd"] = kd[name]["images_per_s"] / r[name]["images_per_s"]
 
 
 def projected_minutes(images_per_s: float) -> float:
@@ -269,13 +288,16 @@ def device_info(device: torch.device) -> dict:
 def markdown_table(results: list[dict], kd_names: list[str]) -> str:
     head = ["teacher -> student", "method", "batch", "reference img/s"]
     for name in kd_names:
-        head += [f"{name} img/s", f"{name} / ref", f"{name} 240 ep (min)"]
+        head += [f"{name} img/s", f"{name} / ref", f"{name} 240 ep (min)", f"{name} step / method kd's"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
-        row = [f"{r['teacher']} -> {r['student']}", r["method"], str(r["batch_size"]), f"{r['reference']['images_per_s']:.1f}"]
+        reference = f"{r['reference']['images_per_s']:.1f}" if r["reference"] else "-"
+        row = [f"{r['teacher']} -> {r['student']}", r["method"], str(r["batch_size"]), reference]
         for name in kd_names:
-            row += [f"{r[name]['images_per_s']:.1f} ({r[name]['precision']})", f"{r[f'ratio_{name}']:.2f}x",
-                    f"{r[name]['projected_240_epochs_min']:.0f}"]
+            ratio = f"{r[f'ratio_{name}']:.2f}x" if f"ratio_{name}" in r else "-"
+            vs_kd = f"{r[name]['step_vs_kd']:.2f}x" if "step_vs_kd" in r[name] else "-"
+            row += [f"{r[name]['images_per_s']:.1f} ({r[name]['precision']})", ratio,
+                    f"{r[name]['projected_240_epochs_min']:.0f}", vs_kd]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -322,6 +344,7 @@ def main(argv: list[str] | None = None) -> dict:
                 r = measure(args, bundle, teacher, student, method, batch_size, device)
                 results.append(r)
                 print(markdown_table([r], kd_names).splitlines()[-1], file=sys.stderr, flush=True)
+    add_step_vs_kd(results, kd_names)
     report = {
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
         "date": started,

@@ -128,7 +128,10 @@ def _run(
         return
     from kdcli import api
 
+    from kdcli.engine import distributed
+
     summary = api.resume(resume) if resume is not None else api.run(config, overwrite=overwrite)
+    distributed.teardown()  # this process's one run is over, on every rank
     if "rank" in summary:
         return  # another rank of a data-parallel run: rank 0 prints the results
     if json_out:

@@ -25,23 +25,34 @@ def run_script(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_throughput_quick_writes_every_configuration(tmp_path):
     out = tmp_path / "results.json"
-    result = run_script("throughput.py", "--quick", "--device", "cpu", "--out", str(out), cwd=tmp_path)
+    result = run_script("throughput.py", "--quick", "--device", "cpu", "--methods", "kd,crd,mlkd", "--out", str(out),
+                        cwd=tmp_path)
     report = json.loads(out.read_text())
     assert {"command", "date", "machine", "load_avg_before", "load_avg_after", "settings", "results"} <= set(report)
     assert {"device", "cpu", "cores", "torch"} <= set(report["machine"])
     windows = report["settings"]["windows"]
-    assert {(r["method"], r["batch_size"]) for r in report["results"]} == {("kd", 16), ("crd", 16)}
-    for r in report["results"]:
+    rows = {r["method"]: r for r in report["results"]}
+    assert {(r["method"], r["batch_size"]) for r in report["results"]} == {("kd", 16), ("crd", 16), ("mlkd", 16)}
+    for method, r in rows.items():
         assert {"teacher", "student"} <= set(r)
-        for variant in ("reference", "kd", "kd_fp32"):
+        for variant in ("kd", "kd_fp32"):
             assert r[variant]["images_per_s"] > 0
             assert len(r[variant]["windows"]) == windows
             assert r[variant]["precision"] in ("fp32", "bf16")
-        assert r["reference"]["precision"] == "fp32" and r["kd_fp32"]["precision"] == "fp32"
-        assert r["ratio_kd"] > 0 and r["ratio_kd_fp32"] > 0
+            # step time against kd's at the same pair, batch size and precision
+            assert r[variant]["step_vs_kd"] == pytest.approx(rows["kd"][variant]["images_per_s"] / r[variant]["images_per_s"])
+        assert r["kd_fp32"]["precision"] == "fp32"
         # 240 epochs x 50,000 images at the measured rate, in minutes
         assert r["kd"]["projected_240_epochs_min"] == pytest.approx(240 * 50_000 / r["kd"]["images_per_s"] / 60)
+    for r in (rows["kd"], rows["crd"]):  # the methods the reference loop implements
+        assert len(r["reference"]["windows"]) == windows and r["reference"]["precision"] == "fp32"
+        assert r["ratio_kd"] == pytest.approx(r["kd"]["images_per_s"] / r["reference"]["images_per_s"])
+        assert r["ratio_kd_fp32"] > 0
+    assert rows["mlkd"]["reference"] is None and "ratio_kd" not in rows["mlkd"]
+    assert rows["kd"]["kd"]["step_vs_kd"] == 1.0
     assert "reference img/s" in result.stdout and "kd 240 ep (min)" in result.stdout  # the markdown table
+    mlkd_line = next(line for line in result.stdout.splitlines() if "| mlkd |" in line)
+    assert mlkd_line.split(" | ")[3] == "-"  # no reference column for mlkd
 
 
 def test_fast_vs_reference_tiny_reports_every_mode(tmp_path):

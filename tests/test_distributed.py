@@ -114,6 +114,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path, teacher_file):
     one, two = json.loads(single.stdout), json.loads(double.stdout)  # rank 0 alone prints the summary
     assert two["processes"] == 2 and one["processes"] == 1
     assert "Traceback" not in double.stderr
+    assert "Warning" not in double.stderr  # torch's DDP deprecation notices are not the user's business
     assert double.stderr.count("epoch   3/3") == 1  # one progress stream
     lines = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2, 3]
@@ -121,6 +122,24 @@ def test_torchrun_two_processes_match_one_process(tmp_path, teacher_file):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "teacher", "two"]
     # Same global batch, same data order: the two runs agree within the noise of 4-class tiny data.
     assert abs(one["top1"] - two["top1"]) <= 15.0, (one["top1"], two["top1"])
+
+
+def test_a_second_run_in_the_process_reuses_the_group_and_teardown_leaves_it(tmp_path, monkeypatch):
+    from kdcli.engine import distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun, with the group of an earlier run
+        monkeypatch.setenv("RANK", "1")
+        group = dist.group.WORLD
+        assert distributed.setup("cpu") == distributed.World(rank=1, size=2)
+        assert dist.group.WORLD is group
+        distributed.teardown()
+        assert not dist.is_initialized()
+        distributed.teardown()  # no group: nothing to leave
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def test_sync_bn_on_cpu_is_a_clear_error(kd, monkeypatch, tmp_path):

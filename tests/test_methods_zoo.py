@@ -146,7 +146,7 @@ def test_cc_is_beta_times_cc_loss_of_the_linear_heads():
     got = method(s_out, t_out, Batch(X, Y, torch.arange(4)))["cc"]
     f_s, f_t = method.embed_s(s_out.embedding), method.embed_t(t_out.embedding)
     assert f_s.shape == (4, 128) and f_s.norm(dim=1).sub(1).abs().max() > 1e-3  # not L2-normalised
-    assert float(got) == pytest.approx(0.02 * float(L.cc_loss(f_s, f_t)), rel=1e-6)
+    assert float(got.detach()) == pytest.approx(0.02 * float(L.cc_loss(f_s, f_t).detach()), rel=1e-6)
 
 
 def test_dist_uses_tau_and_its_inner_weights():

@@ -7,6 +7,7 @@ use the same code path with and without DDP.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +38,7 @@ def setup(device: str) -> World:
     if size <= 1:
         return World()
     world = World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
-    if not dist.is_initialized():
+    if not dist.is_initialized():  # a later run in the same process (Python API) reuses the group
         use_cuda = device != "cpu" and torch.cuda.is_available()
         if use_cuda:
             torch.cuda.set_device(world.local_rank)
@@ -46,7 +47,11 @@ def setup(device: str) -> World:
 
 
 def teardown() -> None:
+    """Leave the process group once every rank is done with it: the `kd` command does, after its
+    one run (NCCL warns at exit about a group never destroyed). Python API callers that run
+    several times keep the group and call this (or destroy_process_group) at their end."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -139,9 +144,14 @@ def wrap(module: nn.Module, world: World, device: torch.device, heads: bool = Fa
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
             module, [name for name, p in module.named_parameters() if id(p) in apart])
     ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(
-        module, device_ids=ids, find_unused_parameters=heads, broadcast_buffers=not heads
-    )
+    if not heads:
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+    # Newer torch deprecates broadcast_buffers; its replacement is missing from older torch and would
+    # still copy rank 0's buffers at wrap time. The heads need no buffer traffic at all (see above),
+    # so the old flag stays, with one meaning on every supported torch, and its warning is dropped.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True, broadcast_buffers=False)
 
 
 def check_batch(batch_size: int, world: World) -> int:
