@@ -243,9 +243,8 @@ def measure(args, bundle: DataBundle, teacher: str, student: str, method: str, b
         for v in variants:
             v.windows.append(timed(v.runner.run, args.steps, device))
     result = {"teacher": teacher, "student": student, "method": method, "batch_size": batch_size, "reference": None}
-    for v in variants:
+    for v in variants:  # the reference, when there is one, comes first
         result[v.name] = v.summary()
-    for v in variants:
         if v.name != "reference":
             if result["reference"] is not None:
                 result[f"ratio_{v.name}"] = result[v.name]["images_per_s"] / result["reference"]["images_per_s"]

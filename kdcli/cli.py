@@ -127,10 +127,14 @@ def _run(
         launch(nproc, sys.argv[1:])
         return
     from kdcli import api
-
     from kdcli.engine import distributed
+    from kdcli.engine.trainer import Stopped
 
-    summary = api.resume(resume) if resume is not None else api.run(config, overwrite=overwrite)
+    try:
+        summary = api.resume(resume) if resume is not None else api.run(config, overwrite=overwrite)
+    except Stopped:  # every rank stops at the same step, so they leave the group together
+        distributed.teardown()
+        raise
     distributed.teardown()  # this process's one run is over, on every rank
     if "rank" in summary:
         return  # another rank of a data-parallel run: rank 0 prints the results

@@ -142,6 +142,24 @@ def test_a_second_run_in_the_process_reuses_the_group_and_teardown_leaves_it(tmp
             dist.destroy_process_group()
 
 
+def test_the_kd_command_leaves_the_group_after_its_run_and_after_a_stop(kd, monkeypatch, tmp_path):
+    from kdcli import api
+    from kdcli.engine import distributed
+    from kdcli.engine.trainer import Stopped
+
+    left = []
+    monkeypatch.setattr(distributed, "teardown", lambda: left.append("left"))
+    assert kd("train", "resnet8", "--data", TINY_DATA, "--epochs", "1", "--device", "cpu", "--out", tmp_path / "r").code == 0
+    assert left == ["left"]
+
+    def stopped(*args, **kwargs):
+        raise Stopped("interrupted at step 3/4 of epoch 1", "resume with kd train --resume r", exit_code=130)
+
+    monkeypatch.setattr(api, "run", stopped)
+    assert kd("train", "resnet8", "--data", TINY_DATA, "--device", "cpu", "--out", tmp_path / "s").code == 130
+    assert left == ["left", "left"]
+
+
 def test_sync_bn_on_cpu_is_a_clear_error(kd, monkeypatch, tmp_path):
     from kdcli.engine import distributed
     from tests.conftest import assert_clean_error
