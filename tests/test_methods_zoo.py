@@ -164,7 +164,7 @@ def test_ab_weights_layers_by_powers_of_two():
     s_out, t_out = _outputs(method, s_net, t_net)
     got = method(s_out, t_out, Batch(X, Y, None))["ab"]
     expected = sum(w * L.ab_loss(s_out.features[i], t_out.features[i]) for i, w in zip((1, 2, 3), (0.25, 0.5, 1.0)))
-    assert float(got) == pytest.approx(float(expected), rel=1e-6)
+    assert float(got.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
     assert all(isinstance(c, torch.nn.Identity) for c in method.connectors)  # resnet8 / resnet20: equal shapes
 
 
@@ -179,7 +179,7 @@ def test_ofd_margins_stage_weights_and_preact_teacher():
     for i in range(3):
         margin = L.ofd_margin(bns[i]).reshape(1, -1, 1, 1)
         expected += L.ofd_loss(method.connectors[i](s_out.features[i + 1]), t_out.features[i + 1], margin) / 2 ** (2 - i)
-    assert float(got) == pytest.approx(1e-3 * float(expected), rel=1e-5)
+    assert float(got.detach()) == pytest.approx(1e-3 * float(expected.detach()), rel=1e-5)
 
 
 def test_ofd_teacher_bn_uses_batch_statistics_without_moving_buffers():
